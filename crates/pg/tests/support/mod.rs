@@ -1,0 +1,273 @@
+//! Reading `testdata/pg/*.capture` (written by `scripts/pg-capture`) and replaying them
+//! through the crate. Shared by the tests and the bench.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use postern_pg::{
+    AuditEvent, BackendMessage, Direction, FrontendMessage, Limits, Relay, StartupRequest,
+};
+
+/// Every capture `scripts/pg-capture all` records.
+pub const CAPTURES: &[&str] = &[
+    "psql_simple",
+    "psql_copy",
+    "pgbench_simple",
+    "pgbench_extended",
+    "pgbench_prepared",
+    "driver_prepared",
+    "cancel",
+];
+
+/// One recv() worth of bytes on one connection.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub connection: u32,
+    pub direction: Direction,
+    pub bytes: Vec<u8>,
+}
+
+pub fn testdata(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/pg")
+        .join(file)
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    assert!(s.len().is_multiple_of(2), "odd hex length");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
+        .collect()
+}
+
+/// Parses `NAME.capture`: `<connection> <C|S> <hex>` per line, `#` comments.
+pub fn load(name: &str) -> Vec<Chunk> {
+    let path = testdata(&format!("{name}.capture"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let mut parts = line.split(' ');
+            let connection = parts
+                .next()
+                .and_then(|c| c.parse().ok())
+                .expect("connection");
+            let direction = match parts.next() {
+                Some("C") => Direction::Frontend,
+                Some("S") => Direction::Backend,
+                other => panic!("bad direction {other:?}"),
+            };
+            let bytes = hex(parts.next().expect("hex"));
+            Chunk {
+                connection,
+                direction,
+                bytes,
+            }
+        })
+        .collect()
+}
+
+/// Every byte one side of one connection sent, in order.
+pub fn stream(chunks: &[Chunk], connection: u32, direction: Direction) -> Vec<u8> {
+    chunks
+        .iter()
+        .filter(|c| c.connection == connection && c.direction == direction)
+        .flat_map(|c| c.bytes.iter().copied())
+        .collect()
+}
+
+pub fn connections(chunks: &[Chunk]) -> Vec<u32> {
+    let mut ids: Vec<u32> = chunks.iter().map(|c| c.connection).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn side(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Frontend => "C",
+        Direction::Backend => "S",
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// The client's next packet is untagged.
+    Untagged,
+    /// The server's next byte answers SSLRequest/GSSENCRequest.
+    Answer,
+    Tagged,
+}
+
+/// One decoded message: framing facts and its one-line rendering.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub connection: u32,
+    pub direction: Direction,
+    /// Type byte, or the packet kind for untagged packets (as in the `.transcript`).
+    pub kind: String,
+    pub wire_len: usize,
+    pub line: String,
+}
+
+/// Decodes every message of a capture with the crate's decoders, in arrival order.
+pub fn decode(chunks: &[Chunk]) -> Vec<Decoded> {
+    let limits = Limits::default();
+    let mut out = Vec::new();
+    let mut buffers: BTreeMap<(u32, bool), Vec<u8>> = BTreeMap::new();
+    let mut phases: BTreeMap<u32, Phase> = BTreeMap::new();
+    for chunk in chunks {
+        let client = chunk.direction == Direction::Frontend;
+        buffers
+            .entry((chunk.connection, client))
+            .or_default()
+            .extend_from_slice(&chunk.bytes);
+        let conn = chunk.connection;
+        loop {
+            let phase = *phases.entry(conn).or_insert(Phase::Untagged);
+            let mut progressed = false;
+            for client in [true, false] {
+                let buf = buffers.entry((conn, client)).or_default();
+                let direction = if client {
+                    Direction::Frontend
+                } else {
+                    Direction::Backend
+                };
+                let decoded = match (phase, client) {
+                    (Phase::Untagged, true) => StartupRequest::decode_from(buf, &limits)
+                        .expect("valid start-up packet")
+                        .map(|(request, len)| {
+                            let kind = match request {
+                                StartupRequest::Ssl => "ssl",
+                                StartupRequest::GssEnc => "gssenc",
+                                StartupRequest::Cancel(_) => "cancel",
+                                _ => "startup",
+                            };
+                            let next = if matches!(kind, "ssl" | "gssenc") {
+                                Phase::Answer
+                            } else {
+                                Phase::Tagged
+                            };
+                            (kind.to_owned(), len, request.to_string(), next)
+                        }),
+                    (Phase::Answer, false) => buf.first().map(|&b| {
+                        let line = format!("SSL answer {}", b as char);
+                        ("ssl-answer".to_owned(), 1, line, Phase::Untagged)
+                    }),
+                    (Phase::Tagged, true) => FrontendMessage::decode_from(buf, &limits)
+                        .expect("valid frontend message")
+                        .map(|(m, len)| ((m.tag() as char).to_string(), len, m.to_string(), phase)),
+                    (Phase::Tagged, false) => BackendMessage::decode_from(buf, &limits)
+                        .expect("valid backend message")
+                        .map(|(m, len)| ((m.tag() as char).to_string(), len, m.to_string(), phase)),
+                    _ => None,
+                };
+                if let Some((kind, wire_len, line, next)) = decoded {
+                    buf.drain(..wire_len);
+                    phases.insert(conn, next);
+                    out.push(Decoded {
+                        connection: conn,
+                        direction,
+                        kind,
+                        wire_len,
+                        line,
+                    });
+                    progressed = true;
+                    break;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+    for ((conn, client), rest) in buffers {
+        assert!(
+            rest.is_empty(),
+            "connection {conn} client={client}: {} undecoded bytes",
+            rest.len()
+        );
+    }
+    out
+}
+
+/// The decoded transcript, one line per message.
+pub fn transcript(chunks: &[Chunk]) -> String {
+    decode(chunks)
+        .iter()
+        .map(|d| format!("{} {} {}\n", d.connection, side(d.direction), d.line))
+        .collect()
+}
+
+/// Replays a capture through one relay per connection, re-cut into pieces of at most
+/// `piece_len` bytes (`None`: the captured chunks as they are). Returns the audit events,
+/// one line each, prefixed with the connection.
+pub fn replay(chunks: &[Chunk], piece_len: Option<usize>) -> Vec<String> {
+    let mut relays: BTreeMap<u32, Relay> = BTreeMap::new();
+    let mut lines = Vec::new();
+    let drain = |conn: u32, relay: &mut Relay, lines: &mut Vec<String>| {
+        while let Some(event) = relay.poll_event() {
+            lines.push(format!("{conn} {}", line(&event)));
+        }
+    };
+    for chunk in chunks {
+        let relay = relays
+            .entry(chunk.connection)
+            .or_insert_with(|| Relay::from_startup(Limits::default()));
+        let piece_len = piece_len.unwrap_or(chunk.bytes.len()).max(1);
+        for piece in chunk.bytes.chunks(piece_len) {
+            let result = match chunk.direction {
+                Direction::Frontend => relay.handle_client_bytes(piece),
+                Direction::Backend => relay.handle_server_bytes(piece),
+            };
+            result.unwrap_or_else(|e| panic!("connection {}: {e}", chunk.connection));
+            drain(chunk.connection, relay, &mut lines);
+        }
+    }
+    for (conn, relay) in &mut relays {
+        relay.handle_close();
+        drain(*conn, relay, &mut lines);
+    }
+    lines
+}
+
+fn line(event: &AuditEvent) -> String {
+    event.to_string()
+}
+
+/// Replays a capture through fresh relays (one per connection), as the agent does, and
+/// counts the events: the measured loop of `benches/relay.rs` and
+/// `examples/relay_replay.rs`, with nothing else in it.
+pub fn replay_counting(chunks: &[Chunk]) -> usize {
+    let mut relays: Vec<(u32, Relay)> = Vec::new();
+    let mut events = 0;
+    for chunk in chunks {
+        let index = match relays.iter().position(|(c, _)| *c == chunk.connection) {
+            Some(i) => i,
+            None => {
+                relays.push((chunk.connection, Relay::from_startup(Limits::default())));
+                relays.len() - 1
+            }
+        };
+        let relay = &mut relays[index].1;
+        let result = match chunk.direction {
+            Direction::Frontend => relay.handle_client_bytes(&chunk.bytes),
+            Direction::Backend => relay.handle_server_bytes(&chunk.bytes),
+        };
+        assert!(result.is_ok());
+        while let Some(event) = relay.poll_event() {
+            std::hint::black_box(&event);
+            events += 1;
+        }
+    }
+    for (_, relay) in &mut relays {
+        relay.handle_close();
+        while relay.poll_event().is_some() {
+            events += 1;
+        }
+    }
+    events
+}

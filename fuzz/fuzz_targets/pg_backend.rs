@@ -1,0 +1,5 @@
+//! PostgreSQL backend fuzz target; the logic is `postern_pg::fuzzing::backend`, which
+//! crates/pg/tests/fuzz_corpus.rs also runs over fuzz/corpus/pg_backend/.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| postern_pg::fuzzing::backend(data));
