@@ -9,6 +9,7 @@
 //! | endpoint | caller |
 //! |---|---|
 //! | `POST /v1/login` | proxy (forwards a user's password login) |
+//! | `POST /v1/users/login` | anyone (a user's own password login, through the proxy's TLS passthrough) |
 //! | `GET /v1/databases` | user |
 //! | `POST /v1/databases/certs` | user (`postern db login`) |
 //! | `POST /v1/db-access` | proxy (proxy→agent certificate) |
@@ -257,6 +258,7 @@ pub async fn serve<B: Backend, A: AuditLog>(
 pub fn router<B: Backend, A: AuditLog>(server: Arc<AuthServer<B, A>>) -> Router {
     Router::new()
         .route("/v1/login", post(login::<B, A>))
+        .route("/v1/users/login", post(user_login::<B, A>))
         .route("/v1/databases", get(list_databases::<B, A>))
         .route("/v1/databases/certs", post(database_cert::<B, A>))
         .route("/v1/db-access", post(db_access::<B, A>))
@@ -442,6 +444,21 @@ pub struct LoginRequest {
     pub ttl_secs: Option<u64>,
 }
 
+/// `POST /v1/users/login`: a user logging in directly (`postern login`), before they
+/// hold any certificate. The source address is the connection's, not a claim.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserLoginRequest {
+    pub user: String,
+    pub password: String,
+    #[serde(default)]
+    pub totp: Option<String>,
+    /// The user's public key: SubjectPublicKeyInfo DER, base64.
+    pub public_key: String,
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
 /// A certificate in PEM, with the CA bundle (PEM) to trust alongside.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CertResponse {
@@ -556,6 +573,34 @@ async fn login<B: Backend, A: AuditLog>(
             &request.password,
             request.totp.as_deref(),
             request.source,
+            &key,
+            request.ttl_secs.map(Duration::from_secs),
+        )
+        .await?;
+    Ok(Json(CertResponse {
+        cert: login.cert.to_pem(),
+        cas: pem_bundle(&login.host_cas),
+    }))
+}
+
+/// Like [`login`], for a user without a certificate: the same password, TOTP and rate
+/// limit checks, keyed on the address the connection came from.
+async fn user_login<B: Backend, A: AuditLog>(
+    State(server): State<Arc<AuthServer<B, A>>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    ApiJson(request): ApiJson<UserLoginRequest>,
+) -> Result<Json<CertResponse>, ApiError> {
+    let key = public_key("public_key", &request.public_key)?;
+    let source = peer
+        .addr
+        .map(|addr| addr.ip())
+        .unwrap_or(IpAddr::from([0u8, 0, 0, 0]));
+    let login = server
+        .login(
+            &request.user,
+            &request.password,
+            request.totp.as_deref(),
+            source,
             &key,
             request.ttl_secs.map(Duration::from_secs),
         )

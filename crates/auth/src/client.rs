@@ -86,6 +86,24 @@ impl AuthClient {
         })
     }
 
+    /// A client with a TLS configuration of the caller's making (a user's own roots and
+    /// certificate, as `postern login` keeps them).
+    pub fn from_tls_config(
+        net: Net,
+        addr: &str,
+        server_name: &str,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, Error> {
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .map_err(|error| Error::invalid("server name", error.to_string()))?;
+        Ok(Self {
+            net,
+            addr: addr.to_owned(),
+            server_name,
+            config,
+        })
+    }
+
     fn unreachable(&self, reason: impl std::fmt::Display) -> Error {
         Error::Unreachable {
             addr: self.addr.clone(),
@@ -175,6 +193,14 @@ impl AuthClient {
     /// Proxy: forwards a user's password login.
     pub async fn login(&self, request: &LoginRequest) -> Result<CertResponse, Error> {
         self.json("POST", "/v1/login", Some(request)).await
+    }
+
+    /// A user without a certificate yet: password (and TOTP) login.
+    pub async fn user_login(
+        &self,
+        request: &crate::api::UserLoginRequest,
+    ) -> Result<CertResponse, Error> {
+        self.json("POST", "/v1/users/login", Some(request)).await
     }
 
     /// User: the databases the user's roles let them see.
