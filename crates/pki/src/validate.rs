@@ -64,6 +64,7 @@ impl Purpose {
 pub struct VerifiedIdentity {
     identity: Identity,
     purpose: Purpose,
+    cert_der: Vec<u8>,
 }
 
 impl VerifiedIdentity {
@@ -75,6 +76,12 @@ impl VerifiedIdentity {
     /// What it was verified for.
     pub fn purpose(&self) -> Purpose {
         self.purpose
+    }
+
+    /// The certificate (DER) it was verified from: a proxy forwards it to the auth
+    /// service, which verifies it again before signing on the user's behalf.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
     }
 }
 
@@ -169,7 +176,11 @@ impl Validator {
                 user: identity.user,
             });
         }
-        Ok(VerifiedIdentity { identity, purpose })
+        Ok(VerifiedIdentity {
+            identity,
+            purpose,
+            cert_der: cert_der.to_vec(),
+        })
     }
 
     /// Verifies a host certificate of role `expected` at `now`.
