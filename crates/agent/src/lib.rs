@@ -15,6 +15,7 @@
 //!   relay, and audit events with the session's fields (`db.session.start` to
 //!   `db.session.end`).
 
+pub mod cancel;
 pub mod relay;
 pub mod session;
 pub mod upstream;

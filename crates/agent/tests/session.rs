@@ -229,6 +229,7 @@ impl Cluster {
             database: database.into(),
             client_addr: "203.0.113.7".into(),
             client_port: 50123,
+            kind: Default::default(),
             connection: Connection::new(agent_end),
         };
         (

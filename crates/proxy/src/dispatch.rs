@@ -14,18 +14,20 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use postern_pg::StartupParams;
-use postern_pg::frontend::{ProtocolVersion, StartupMessage, StartupRequest};
+use postern_pg::backend::BackendMessage;
+use postern_pg::frontend::{CancelRequest, ProtocolVersion, StartupMessage, StartupRequest};
 use postern_pg::reply::SqlState;
+use postern_pg::{Limits, StartupParams};
 use postern_pki::tls::{mtls_client_config, peer_host, ring_provider};
 use postern_pki::{HostRole, TrustedCa, Validator, VerifiedIdentity};
-use postern_rt::{Rng, WallClock, monotonic_now};
+use postern_rt::{Connection, Rng, WallClock, monotonic_now};
+use postern_tunnel::TunnelId;
 use postern_tunnel::proxy::{ChannelRequest, ProxyTunnels};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
-use crate::postgres::ClientSession;
+use crate::postgres::{ClientSession, ClientStream};
 use crate::route::{ATTEMPTS_MAX_DEFAULT, AttemptError, Attempts, Health, RouteError};
 
 /// How long the TLS handshake with an agent, inside its channel, may take.
@@ -52,6 +54,112 @@ pub enum DispatchError {
     Signing(String),
     #[error("cannot write to the client: {0}")]
     Client(std::io::Error),
+    #[error("the client certificate has no database route")]
+    NoRoute,
+    #[error("{0}")]
+    Startup(String),
+    #[error("the database service closed the connection during start-up")]
+    AgentClosed,
+}
+
+impl DispatchError {
+    /// A short, stable name for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DispatchError::Route(RouteError::NoCandidates { .. }) => "no_agent",
+            DispatchError::Route(RouteError::AllUnreachable { .. }) => "agents_unreachable",
+            DispatchError::Route(_) => "refused",
+            DispatchError::Signing(_) => "signing",
+            DispatchError::Client(_) => "client_io",
+            DispatchError::NoRoute => "no_route",
+            DispatchError::Startup(_) => "protocol",
+            DispatchError::AgentClosed => "agent_closed",
+        }
+    }
+}
+
+/// A session carried to an agent, past start-up: copy bytes between `client` and
+/// `agent` until either side closes.
+#[derive(Debug)]
+pub struct Connected {
+    /// The TLS stream to the client.
+    pub client: ClientStream,
+    /// The mutual-TLS stream to the agent, inside its tunnel channel.
+    pub agent: tokio_rustls::client::TlsStream<Connection>,
+    /// The tunnel the session runs over (where its cancel requests go).
+    pub tunnel: TunnelId,
+    /// The agent serving the session.
+    pub agent_id: String,
+    /// The database (the route's service name).
+    pub database: String,
+    /// The database's key for CancelRequests of this session, from its BackendKeyData.
+    pub backend_key: Option<CancelRequest>,
+}
+
+/// Most bytes of the agent's start-up answer parsed for the cancel key; past that the
+/// rest is copied without parsing (a database sends well under 1 KiB in practice).
+pub const GREETING_LEN_MAX: usize = 64 * 1024;
+
+/// Relays the agent's answer to the StartupMessage, message by message, up to
+/// ReadyForQuery or an ErrorResponse, and returns the BackendKeyData it carried. Bytes
+/// are forwarded unchanged; a malformed or oversized greeting is forwarded as is and
+/// ends the parsing (the agent's relay owns the protocol from then on).
+async fn relay_greeting(
+    agent: &mut tokio_rustls::client::TlsStream<Connection>,
+    client: &mut ClientStream,
+    limits: &Limits,
+) -> Result<Option<CancelRequest>, DispatchError> {
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    let mut key = None;
+    loop {
+        match BackendMessage::decode_from(&buf, limits) {
+            Ok(Some((message, used))) => {
+                seen += used;
+                let done = match message {
+                    BackendMessage::BackendKeyData {
+                        process_id,
+                        secret_key,
+                    } => {
+                        key = Some(CancelRequest {
+                            process_id,
+                            secret_key,
+                        });
+                        false
+                    }
+                    BackendMessage::ReadyForQuery(_) | BackendMessage::ErrorResponse(_) => true,
+                    _ => false,
+                };
+                if done {
+                    break;
+                }
+                if seen > GREETING_LEN_MAX {
+                    break;
+                }
+                client
+                    .write_all(&buf[..used])
+                    .await
+                    .map_err(DispatchError::Client)?;
+                buf.drain(..used);
+                continue;
+            }
+            Ok(None) => {}
+            Err(_) => break,
+        }
+        if buf.len() > GREETING_LEN_MAX {
+            break;
+        }
+        match agent.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    client
+        .write_all(&buf)
+        .await
+        .map_err(DispatchError::Client)?;
+    client.flush().await.map_err(DispatchError::Client)?;
+    Ok(key)
 }
 
 /// Carries client sessions to agents over their tunnels. One per proxy; cheap to share.
@@ -68,6 +176,8 @@ pub struct Dispatcher<S> {
     origin: Instant,
     attempts_max: usize,
     handshake_timeout: Duration,
+    /// Bounds the messages parsed in the agent's start-up answer.
+    limits: Limits,
 }
 
 impl<S> std::fmt::Debug for Dispatcher<S> {
@@ -97,7 +207,20 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             origin: monotonic_now(),
             attempts_max: ATTEMPTS_MAX_DEFAULT,
             handshake_timeout: AGENT_HANDSHAKE_TIMEOUT_DEFAULT,
+            limits: Limits::default(),
         }
+    }
+
+    /// The tunnels sessions are carried over.
+    pub fn tunnels(&self) -> &ProxyTunnels {
+        &self.tunnels
+    }
+
+    /// How long the TLS handshake with an agent may take
+    /// ([`AGENT_HANDSHAKE_TIMEOUT_DEFAULT`] unless set).
+    pub fn with_agent_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
     }
 
     fn now(&self) -> Duration {
@@ -112,6 +235,22 @@ impl<S: DbAccessSigner> Dispatcher<S> {
     /// Carries `session` to an agent serving its database and relays until either side
     /// closes. Refusals reach the client as PostgreSQL errors.
     pub async fn serve(&self, session: Box<ClientSession>) -> Result<(), DispatchError> {
+        let Connected {
+            mut client,
+            mut agent,
+            ..
+        } = self.connect(session).await?;
+        // Either side closing ends the session; errors here are a peer going away.
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut agent).await;
+        Ok(())
+    }
+
+    /// Carries `session` to an agent serving its database, forwards its StartupMessage
+    /// and relays the agent's answer up to the end of start-up (ReadyForQuery, or the
+    /// error that ends the session), learning the session's cancel key on the way. The
+    /// caller then copies bytes both ways. Refusals reach the client as PostgreSQL
+    /// errors before this returns them.
+    pub async fn connect(&self, session: Box<ClientSession>) -> Result<Connected, DispatchError> {
         let ClientSession {
             identity,
             params,
@@ -121,7 +260,7 @@ impl<S: DbAccessSigner> Dispatcher<S> {
         let service = match &identity.identity().route {
             Some(route) => route.service.clone(),
             // The front door validated with Purpose::UserDatabase, which requires a route.
-            None => return Ok(()),
+            None => return Err(DispatchError::NoRoute),
         };
         let (chain, key) = match self.signer.sign(&identity).await {
             Ok(pair) => pair,
@@ -160,16 +299,16 @@ impl<S: DbAccessSigner> Dispatcher<S> {
         );
         let mut attempts = match plan {
             Ok(attempts) => attempts,
-            Err(e) => return self.refuse(&mut client, e).await,
+            Err(e) => return Err(self.refuse(&mut client, e).await),
         };
-        let request = ChannelRequest {
-            database: service.clone(),
-            client_addr: client.get_ref().0.get_ref().peer_addr(),
-        };
-        let mut agent_stream = loop {
+        let request =
+            ChannelRequest::session(service.clone(), client.get_ref().0.get_ref().peer_addr());
+        let (agent_id, tunnel, mut agent_stream) = loop {
             let Some(agent) = attempts.next_agent().map(str::to_owned) else {
                 // Invariant: handle_failure returns an error once the plan is used up.
-                return Ok(());
+                return Err(DispatchError::Route(RouteError::NoCandidates {
+                    database: service,
+                }));
             };
             let Some(candidate) = candidates.iter().find(|c| c.agent == agent) else {
                 continue;
@@ -180,13 +319,13 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             {
                 Ok(stream) => {
                     self.health().mark_ok(&agent);
-                    break stream;
+                    break (agent, candidate.tunnel, stream);
                 }
                 Err(error) => {
                     let outcome =
                         attempts.handle_failure(&agent, error, &mut self.health(), self.now());
                     if let Err(e) = outcome {
-                        return self.refuse(&mut client, e).await;
+                        return Err(self.refuse(&mut client, e).await);
                     }
                 }
             }
@@ -198,7 +337,7 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             crate::postgres::send_error(&mut client, SqlState::PROTOCOL_VIOLATION, &message, None)
                 .await
                 .map_err(DispatchError::Client)?;
-            return Ok(());
+            return Err(DispatchError::Startup(message));
         }
         startup.extend_from_slice(&pending);
         if agent_stream.write_all(&startup).await.is_err() {
@@ -206,18 +345,24 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             crate::postgres::send_error(&mut client, SqlState::CONNECTION_FAILURE, &message, None)
                 .await
                 .map_err(DispatchError::Client)?;
-            return Ok(());
+            return Err(DispatchError::AgentClosed);
         }
-        // Either side closing ends the session; errors here are a peer going away.
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut agent_stream).await;
-        Ok(())
+        let backend_key = relay_greeting(&mut agent_stream, &mut client, &self.limits).await?;
+        Ok(Connected {
+            client,
+            agent: agent_stream,
+            tunnel,
+            agent_id,
+            database: service,
+            backend_key,
+        })
     }
 
-    async fn refuse<T>(
+    async fn refuse(
         &self,
         client: &mut crate::postgres::ClientStream,
         error: RouteError,
-    ) -> Result<(), T> {
+    ) -> DispatchError {
         let code = match &error {
             RouteError::Refused { .. } => {
                 SqlState::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION
@@ -225,7 +370,7 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             _ => SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
         };
         let _ = crate::postgres::send_error(client, code, &error.to_string(), None).await;
-        Ok(())
+        DispatchError::Route(error)
     }
 
     /// One agent: a channel over its tunnel, then mutual TLS inside it.

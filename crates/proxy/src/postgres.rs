@@ -222,7 +222,52 @@ impl FrontDoor {
                 .ok();
             return Err(FrontDoorError::Protocol(e));
         }
+        self.inside_tls(machine, tls).await
+    }
 
+    /// Runs start-up on a connection whose TLS was already terminated in front of the
+    /// front door (the web port's ALPN routing, `postern-postgres`): StartupMessage (an
+    /// SSLRequest is answered `N`), identity. The TLS handshake must have demanded a
+    /// client certificate, as [`crate::client_auth::server_config`] does.
+    pub async fn accept_tls(&self, tls: ClientStream) -> Result<Accepted, FrontDoorError> {
+        let timeout = self.limits.startup_timeout;
+        let machine = Startup::new(self.limits.clone(), TlsMode::Terminated, Duration::ZERO);
+        match tokio::time::timeout(timeout, self.inside_tls(machine, tls)).await {
+            Ok(result) => result,
+            Err(_) => Err(FrontDoorError::HandshakeTimeout(timeout)),
+        }
+    }
+
+    /// Runs start-up on a connection routed here by ALPN (`postern-postgres` on the web
+    /// port): `hello` holds the bytes already read (the start of the ClientHello). TLS
+    /// with this front door's configuration, then as [`FrontDoor::accept_tls`].
+    pub async fn accept_routed(
+        &self,
+        hello: Vec<u8>,
+        conn: Connection,
+    ) -> Result<Accepted, FrontDoorError> {
+        let timeout = self.limits.startup_timeout;
+        let machine = Startup::new(self.limits.clone(), TlsMode::Terminated, Duration::ZERO);
+        let routed = async {
+            let tls = self
+                .tls
+                .accept(Prefixed::new(hello, conn))
+                .await
+                .map_err(FrontDoorError::Tls)?;
+            self.inside_tls(machine, tls).await
+        };
+        match tokio::time::timeout(timeout, routed).await {
+            Ok(result) => result,
+            Err(_) => Err(FrontDoorError::HandshakeTimeout(timeout)),
+        }
+    }
+
+    /// The part of start-up inside TLS: StartupMessage (or CancelRequest), identity.
+    async fn inside_tls(
+        &self,
+        mut machine: Startup,
+        mut tls: ClientStream,
+    ) -> Result<Accepted, FrontDoorError> {
         let mut buf = Vec::new();
         let step = match negotiate(&mut machine, &mut tls, &mut buf).await {
             Ok(step) => step,

@@ -18,12 +18,12 @@ use russh::{ChannelMsg, ChannelOpenFailure, Disconnect};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::TunnelId;
 use crate::control::Control;
 use crate::error::Error;
 use crate::monotonic::{Monotonic, sleep_until};
 use crate::pool::{Pool, PoolConfig, PoolOutput, ProxyState};
 use crate::proxy::remaining;
+use crate::{ChannelKind, TunnelId};
 
 /// What an agent needs to hold tunnels.
 #[derive(Clone)]
@@ -56,8 +56,18 @@ pub struct IncomingChannel {
     /// The client's address as the proxy reported it.
     pub client_addr: String,
     pub client_port: u32,
+    /// What the channel carries: a client session, or one cancel request.
+    pub kind: ChannelKind,
     /// The channel's bytes.
     pub connection: Connection,
+}
+
+impl IncomingChannel {
+    /// What the channel carries: serve [`ChannelKind::Session`] as a client session and
+    /// [`ChannelKind::Cancel`] as one cancel request.
+    pub fn kind(&self) -> ChannelKind {
+        self.kind
+    }
 }
 
 /// The agent's tunnels at a glance (for status pages, metrics and tests).
@@ -534,7 +544,7 @@ impl client::Handler for AgentHandler {
         &mut self,
         channel: russh::Channel<client::Msg>,
         connected_address: &str,
-        _connected_port: u32,
+        connected_port: u32,
         originator_address: &str,
         originator_port: u32,
         reply: client::ChannelOpenHandle,
@@ -550,6 +560,10 @@ impl client::Handler for AgentHandler {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         }
+        let Some(kind) = ChannelKind::from_port(connected_port) else {
+            reply.reject(ChannelOpenFailure::UnknownChannelType).await;
+            return Ok(());
+        };
         let Ok(permit) = self.shared.channels.try_reserve() else {
             // The caller is not keeping up (or has gone): refuse rather than queue
             // without bound.
@@ -562,6 +576,7 @@ impl client::Handler for AgentHandler {
             database: connected_address.to_owned(),
             client_addr: originator_address.to_owned(),
             client_port: originator_port,
+            kind,
             connection: Connection::new(channel.into_stream()),
         });
         Ok(())

@@ -37,8 +37,10 @@
 //! - [`ProxyTunnels`] accepts agents, checks their certificates the same way, registers
 //!   the tunnel when the control channel opens, and opens a `forwarded-tcpip` channel per
 //!   client connection ([`ProxyTunnels::open_channel`]) whose "connected address" is the
-//!   database name and whose "originator" is the client. The agent accepts channels only
-//!   for databases it serves and hands them over as [`IncomingChannel`]s.
+//!   database name, whose "connected port" is the [`ChannelKind`] (0: a client session,
+//!   1: one PostgreSQL CancelRequest) and whose "originator" is the client. The agent
+//!   accepts channels only for databases it serves and hands them over as
+//!   [`IncomingChannel`]s; [`IncomingChannel::kind`] says which service to run.
 //!
 //! russh checks certificate validity against the real clock as well; our checks use the
 //! injected one, which is what simulations and tests move.
@@ -69,6 +71,38 @@ pub struct TunnelId(pub u64);
 impl fmt::Display for TunnelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)
+    }
+}
+
+/// What a channel through the tunnel carries. Sent as the `forwarded-tcpip` "connected
+/// port", so agents that predate cancel channels see every channel as a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum ChannelKind {
+    /// One client session: mutual TLS, then the database protocol.
+    #[default]
+    Session,
+    /// One cancel request (PostgreSQL's 16-byte CancelRequest) for a session the agent
+    /// serves; the channel closes after it.
+    Cancel,
+}
+
+impl ChannelKind {
+    /// The "connected port" that carries this kind.
+    pub fn port(self) -> u32 {
+        match self {
+            ChannelKind::Session => 0,
+            ChannelKind::Cancel => 1,
+        }
+    }
+
+    /// The kind a "connected port" names; `None` for a kind this agent does not know.
+    pub fn from_port(port: u32) -> Option<Self> {
+        match port {
+            0 => Some(ChannelKind::Session),
+            1 => Some(ChannelKind::Cancel),
+            _ => None,
+        }
     }
 }
 

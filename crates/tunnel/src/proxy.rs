@@ -27,7 +27,7 @@ use crate::control::Control;
 use crate::error::Error;
 use crate::monotonic::{Monotonic, sleep_until};
 use crate::registry::{Candidate, Registry, RegistryLimits, RegistryOutput};
-use crate::{CloseReason, TunnelId};
+use crate::{ChannelKind, CloseReason, TunnelId};
 
 /// What a proxy needs to accept tunnels.
 #[derive(Clone)]
@@ -85,6 +85,28 @@ pub struct ChannelRequest {
     pub database: String,
     /// The client the channel is for, passed to the agent for its audit log.
     pub client_addr: Option<SocketAddr>,
+    /// What the channel carries: a client session, or one cancel request.
+    pub kind: ChannelKind,
+}
+
+impl ChannelRequest {
+    /// A channel for one client session on `database`.
+    pub fn session(database: impl Into<String>, client_addr: Option<SocketAddr>) -> Self {
+        Self {
+            database: database.into(),
+            client_addr,
+            kind: ChannelKind::Session,
+        }
+    }
+
+    /// A channel carrying one cancel request for a session on `database`.
+    pub fn cancel(database: impl Into<String>, client_addr: Option<SocketAddr>) -> Self {
+        Self {
+            database: database.into(),
+            client_addr,
+            kind: ChannelKind::Cancel,
+        }
+    }
 }
 
 /// The proxy's side of every tunnel. Cheap to clone; clones share the tunnels.
@@ -248,7 +270,7 @@ impl ProxyTunnels {
         };
         let opening = session.channel_open_forwarded_tcpip(
             request.database.clone(),
-            0,
+            request.kind.port(),
             client_ip,
             client_port,
         );

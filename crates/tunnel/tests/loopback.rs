@@ -9,8 +9,8 @@ use common::{Cluster, HOUR};
 use postern_rt::{Net, Rng, Runtime, WallClock};
 use postern_tunnel::control::Control;
 use postern_tunnel::{
-    Agent, AgentConfig, AgentStatus, ChannelRequest, Error, IncomingChannel, ProxyConfig,
-    ProxyTunnels,
+    Agent, AgentConfig, AgentStatus, ChannelKind, ChannelRequest, Error, IncomingChannel,
+    ProxyConfig, ProxyTunnels,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
@@ -81,6 +81,7 @@ async fn round_trip(proxy: &ProxyTunnels, agent: &mut RunningAgent, database: &s
     let request = ChannelRequest {
         database: database.to_owned(),
         client_addr: Some("10.1.2.3:5555".parse().unwrap()),
+        kind: Default::default(),
     };
     let mut client_side = proxy
         .open_channel(candidate.tunnel, &request)
@@ -88,6 +89,7 @@ async fn round_trip(proxy: &ProxyTunnels, agent: &mut RunningAgent, database: &s
         .unwrap();
     let mut incoming = agent.incoming.recv().await.unwrap();
     assert_eq!(incoming.database, database);
+    assert_eq!(incoming.kind(), ChannelKind::Session);
     assert_eq!(
         (incoming.client_addr.as_str(), incoming.client_port),
         ("10.1.2.3", 5555)
@@ -166,6 +168,7 @@ async fn channel_carries_bytes_both_ways() {
             &ChannelRequest {
                 database: "not-served".to_owned(),
                 client_addr: None,
+                kind: Default::default(),
             },
         )
         .await;
@@ -173,6 +176,41 @@ async fn channel_carries_bytes_both_ways() {
         matches!(refused, Err(Error::ChannelRefused { .. })),
         "{refused:?}"
     );
+}
+
+// A cancel channel reaches the agent marked as such, carrying its bytes, beside sessions.
+#[tokio::test]
+async fn cancel_channels_are_marked_with_their_kind() {
+    let clock = WallClock::system();
+    let now = clock.now();
+    let cluster = Cluster::new("prod", now);
+    let proxy_config = cluster.proxy(&["127.0.0.1"], cluster.ca_keys(), now, HOUR, 30);
+    let proxy = start_proxy(clock.clone(), proxy_config, "127.0.0.1:0").await;
+    let agent_config = cluster.agent("agent-1", &["orders"], cluster.ca_keys(), now, HOUR, 31);
+    let mut agent = start_agent(clock, agent_config, vec![proxy.addr.clone()]);
+    assert!(
+        eventually(Duration::from_secs(10), || !proxy
+            .tunnels
+            .candidates("orders")
+            .is_empty())
+        .await
+    );
+    let tunnel = proxy.tunnels.candidates("orders")[0].tunnel;
+    let mut channel = proxy
+        .tunnels
+        .open_channel(tunnel, &ChannelRequest::cancel("orders", None))
+        .await
+        .unwrap();
+    channel.write_all(&[7u8; 16]).await.unwrap();
+    channel.shutdown().await.unwrap();
+    let mut incoming = agent.incoming.recv().await.unwrap();
+    assert_eq!(incoming.kind(), ChannelKind::Cancel);
+    assert_eq!(incoming.database, "orders");
+    let mut request = Vec::new();
+    incoming.connection.read_to_end(&mut request).await.unwrap();
+    assert_eq!(request, [7u8; 16]);
+
+    round_trip(&proxy.tunnels, &mut agent, "orders").await;
 }
 
 // A channel over the tunnel's limit is refused with the limit named, and dropping a
@@ -199,6 +237,7 @@ async fn channel_limit_is_enforced_on_the_wire() {
     let request = ChannelRequest {
         database: "orders".to_owned(),
         client_addr: None,
+        kind: Default::default(),
     };
     let first = proxy.tunnels.open_channel(tunnel, &request).await.unwrap();
     let second = proxy.tunnels.open_channel(tunnel, &request).await;
@@ -610,6 +649,7 @@ async fn agent_announces_changes_to_its_databases() {
     let request = ChannelRequest {
         database: "orders".to_owned(),
         client_addr: None,
+        kind: Default::default(),
     };
     let refused = proxy.tunnels.open_channel(tunnel, &request).await;
     assert!(

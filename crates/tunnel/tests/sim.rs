@@ -245,6 +245,7 @@ async fn open(observed: &Mutex<Observed>) -> Result<Connection, Error> {
     let request = ChannelRequest {
         database: "orders".to_owned(),
         client_addr: None,
+        kind: Default::default(),
     };
     proxy.open_channel(tunnel, &request).await
 }

@@ -317,6 +317,69 @@ impl PostgresTarget {
     }
 }
 
+impl PostgresTarget {
+    /// Sends a CancelRequest for one of this database's sessions, the way sessions
+    /// connect: SSLRequest, TLS checked as configured (no client certificate: PostgreSQL
+    /// checks only the key), then the 16-byte request inside TLS. Never in plaintext.
+    /// Returns once the database closed the connection (it answers nothing) or after
+    /// `timeout`.
+    pub async fn cancel(
+        &self,
+        net: &Net,
+        request: &postern_pg::frontend::CancelRequest,
+        timeout: Duration,
+    ) -> Result<(), UpstreamError> {
+        let addr = self.addr();
+        match tokio::time::timeout(timeout, self.cancel_inner(net, request)).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout { addr, timeout }),
+        }
+    }
+
+    async fn cancel_inner(
+        &self,
+        net: &Net,
+        request: &postern_pg::frontend::CancelRequest,
+    ) -> Result<(), UpstreamError> {
+        let addr = self.addr();
+        let io_err = |source: io::Error| UpstreamError::Unreachable {
+            addr: addr.clone(),
+            source,
+        };
+        let mut conn = net.connect(&addr).await.map_err(io_err)?;
+        let mut out = Vec::new();
+        encode_startup(&StartupRequest::Ssl, &mut out, &addr)?;
+        conn.write_all(&out).await.map_err(io_err)?;
+        let mut answer = [0u8; 1];
+        conn.read_exact(&mut answer).await.map_err(io_err)?;
+        if answer[0] != b'S' {
+            return Err(UpstreamError::NoTls { addr });
+        }
+        let config = self.tls.client_config(None)?;
+        let server_name = self.tls.server_name(&self.host)?;
+        let mut tls = TlsConnector::from(config)
+            .connect(server_name, conn)
+            .await
+            .map_err(|e| UpstreamError::Tls {
+                addr: addr.clone(),
+                reason: explain_tls(&e),
+            })?;
+        out.clear();
+        encode_startup(&StartupRequest::Cancel(request.clone()), &mut out, &addr)?;
+        tls.write_all(&out).await.map_err(io_err)?;
+        tls.flush().await.map_err(io_err)?;
+        // PostgreSQL answers nothing and closes; wait for that so the request is read
+        // before this side goes away. A reset after the request is as good as a close.
+        let mut sink = [0u8; 64];
+        while let Ok(n) = tls.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn encode_startup(
     request: &StartupRequest,
     out: &mut Vec<u8>,

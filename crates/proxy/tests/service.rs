@@ -1,0 +1,983 @@
+//! `ProxyService` end to end with real parts: real psql and tokio-postgres → the proxy
+//! service (listeners, limits, cancel routing, TLS routing, drain) → SSH reverse tunnel →
+//! agent → a real PostgreSQL 15 that accepts only client certificates (`hostssl … cert`).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_agent::cancel::{CANCEL_TIMEOUT_DEFAULT, serve_cancel};
+use postern_agent::session::{LocalDbCa, RoleMap, ServedDatabase, SessionConfig, SessionService};
+use postern_agent::upstream::postgres::PostgresTarget;
+use postern_agent::upstream::{TlsMode, UpstreamTls};
+use postern_auth::audit::AuditEvent;
+use postern_auth::database::{Database, Protocol};
+use postern_pki::tls::{mtls_client_config, ring_provider};
+use postern_pki::{
+    CaKind, CertAuthority, DbProtocol, DbRoute, HostIdentity, HostRole, Identity, PrivateKey,
+    UnixTime, Usage, Validator, VerifiedIdentity,
+};
+use postern_proxy::dispatch::DbAccessSigner;
+use postern_proxy::service::ALPN_POSTERN_POSTGRES;
+use postern_proxy::{Listen, LocalAddrs, ProxyLimits, ProxyService, ProxyServiceConfig};
+use postern_rt::{Net, Rng, Runtime, WallClock};
+use postern_testkit::{PostgresOptions, PostgresServer, ServerTls};
+use postern_tunnel::{Agent, AgentConfig, ChannelKind};
+use prometheus_client::registry::Registry;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn now() -> UnixTime {
+    WallClock::system().now()
+}
+
+fn at(offset_secs: i64) -> UnixTime {
+    UnixTime::since_unix_epoch(Duration::from_secs(
+        now().as_secs().saturating_add_signed(offset_secs),
+    ))
+}
+
+/// The cluster's three CAs and a folder for key files.
+struct Cluster {
+    user_ca: CertAuthority,
+    host_ca: CertAuthority,
+    db_ca: CertAuthority,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let start = at(-3600);
+        Self {
+            user_ca: CertAuthority::generate(CaKind::User, "svc", start, 48 * HOUR).unwrap(),
+            host_ca: CertAuthority::generate(CaKind::Host, "svc", start, 48 * HOUR).unwrap(),
+            db_ca: CertAuthority::generate(CaKind::Db, "svc", start, 48 * HOUR).unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn host(&self, id: &str, role: HostRole, names: &[&str]) -> HostIdentity {
+        HostIdentity {
+            host_id: id.to_owned(),
+            role,
+            cluster: "svc".to_owned(),
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            expires: at(24 * 3600),
+        }
+    }
+
+    /// A user certificate for alice routed to "orders" as db user alice: (cert, key).
+    fn user_cert(&self) -> (postern_pki::IssuedCert, PrivateKey) {
+        let key = PrivateKey::generate().unwrap();
+        let identity = Identity {
+            user: "alice".to_owned(),
+            roles: vec!["dev".to_owned()],
+            traits: BTreeMap::from([("db_users".to_owned(), vec!["alice".to_owned()])]),
+            route: Some(DbRoute {
+                service: "orders".to_owned(),
+                protocol: DbProtocol::Postgres,
+                db_user: "alice".to_owned(),
+                db_name: "postgres".to_owned(),
+            }),
+            allowed_db_names: vec![],
+            allowed_db_users: vec![],
+            usage: Usage::User,
+            cluster: "svc".to_owned(),
+            client_ip: None,
+            expires: at(3600),
+        };
+        let cert = self
+            .user_ca
+            .issue_identity(&identity, &key.public_key(), at(-60))
+            .unwrap();
+        (cert, key)
+    }
+
+    /// The user certificate written to files for psql: (cert, key).
+    fn user_cert_files(&self) -> (PathBuf, PathBuf) {
+        let (cert, key) = self.user_cert();
+        let crt = self.dir.path().join("alice.crt");
+        let pem = self.dir.path().join("alice.key");
+        std::fs::write(&crt, cert.to_pem()).unwrap();
+        std::fs::write(&pem, key.to_pem()).unwrap();
+        std::fs::set_permissions(&pem, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (crt, pem)
+    }
+
+    /// TLS settings of a client holding alice's certificate that trusts the host CA.
+    fn client_tls(&self, alpn: Option<&[u8]>) -> tokio_rustls::TlsConnector {
+        let (cert, key) = self.user_cert();
+        let config = mtls_client_config(
+            vec![cert.der().clone()],
+            key.to_rustls(),
+            &[self.host_ca.trusted().clone()],
+            ring_provider(),
+            Arc::new(WallClock::system()),
+        )
+        .unwrap();
+        let mut config = (*config).clone();
+        if let Some(alpn) = alpn {
+            config.alpn_protocols = vec![alpn.to_vec()];
+        }
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+/// Signs proxy→agent certificates with the user CA, as the auth service does.
+struct LocalSigner(Arc<Cluster>);
+
+impl DbAccessSigner for LocalSigner {
+    async fn sign(
+        &self,
+        user: &VerifiedIdentity,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+        let key = PrivateKey::generate().map_err(|e| e.to_string())?;
+        let (_, cert) = self
+            .0
+            .user_ca
+            .issue_db_access(user, &key.public_key(), at(-60), Duration::from_secs(600))
+            .map_err(|e| e.to_string())?;
+        Ok((vec![cert.der().clone()], key.to_rustls()))
+    }
+}
+
+fn runtime(cluster: &Cluster, seed: u64) -> Runtime {
+    Runtime::from_parts(
+        Net::Tokio,
+        WallClock::system(),
+        Rng::from_seed(seed),
+        cluster.dir.path().to_owned(),
+    )
+}
+
+/// A running proxy service and the way to stop it.
+struct RunningProxy {
+    addrs: LocalAddrs,
+    registry: Registry,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl RunningProxy {
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
+    }
+}
+
+/// Starts a proxy service on `listen` (port 0 picks free ports).
+async fn start_proxy(
+    cluster: &Arc<Cluster>,
+    listen: Listen,
+    auth_api_addr: Option<String>,
+    limits: ProxyLimits,
+) -> RunningProxy {
+    let host_key = PrivateKey::generate().unwrap();
+    let host_cert = cluster
+        .host_ca
+        .issue_host(
+            &cluster.host("proxy-1", HostRole::Proxy, &["localhost"]),
+            &host_key.public_key(),
+            at(-60),
+        )
+        .unwrap();
+    let ssh_key = postern_pki::ssh::generate_ssh_key().unwrap();
+    let ssh_cert = cluster
+        .host_ca
+        .issue_ssh_host_cert(
+            &cluster.host("proxy-1", HostRole::Proxy, &["localhost"]),
+            ssh_key.public_key(),
+            at(-60),
+        )
+        .unwrap();
+    let config = ProxyServiceConfig {
+        cluster: "svc".to_owned(),
+        listen,
+        auth_api_addr,
+        host_cert,
+        host_key,
+        ssh_key,
+        ssh_cert,
+        user_cas: vec![cluster.user_ca.trusted().clone()],
+        host_cas: vec![cluster.host_ca.trusted().clone()],
+        host_ca_ssh_keys: vec![cluster.host_ca.ssh_public_key().unwrap()],
+        limits,
+    };
+    let mut proxy =
+        ProxyService::new(&runtime(cluster, 5), config, LocalSigner(cluster.clone())).unwrap();
+    let mut registry = Registry::default();
+    proxy.register_metrics(&mut registry);
+    let addrs = proxy.bind().await.unwrap();
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        proxy
+            .run(async move {
+                let _ = shutdown_rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    RunningProxy {
+        addrs,
+        registry,
+        shutdown: Some(shutdown_tx),
+        task,
+    }
+}
+
+fn any_port() -> Listen {
+    Listen {
+        postgres: "127.0.0.1:0".to_owned(),
+        web: Some("127.0.0.1:0".to_owned()),
+        tunnel: "127.0.0.1:0".to_owned(),
+    }
+}
+
+/// PostgreSQL with client-cert auth, and alice with a table.
+fn start_database(cluster: &Cluster) -> PostgresServer {
+    let files = cluster
+        .db_ca
+        .sign_db_server(&["localhost".to_owned()], at(-60), 24 * HOUR)
+        .unwrap();
+    let database = PostgresServer::start(PostgresOptions {
+        tls: Some(ServerTls {
+            cert_pem: files.server_crt,
+            key_pem: files.server_key,
+            client_ca_pem: files.server_cas,
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    database
+        .psql(
+            "postgres",
+            "create role alice login; create table notes (id int, body text); grant all on notes to alice",
+        )
+        .unwrap();
+    database
+}
+
+/// One agent serving "orders": sessions through `SessionService`, cancel channels
+/// through `serve_cancel`. Audit events go to the returned receiver.
+fn start_agent(
+    cluster: &Arc<Cluster>,
+    database: &PostgresServer,
+    tunnel_addr: String,
+) -> (mpsc::Receiver<AuditEvent>, Vec<JoinHandle<()>>) {
+    let runtime = runtime(cluster, 9);
+    let roles = postern_auth::role::parse_role_file(
+        "roles.toml",
+        "[[role]]\nname = \"dev\"\nallow.db_labels = { env = \"dev\" }\nallow.db_users = [\"{{internal.db_users}}\"]\nallow.db_names = [\"*\"]\n",
+    )
+    .unwrap();
+    let agent_key = PrivateKey::generate().unwrap();
+    let agent_cert = cluster
+        .host_ca
+        .issue_host(
+            &cluster.host("agent-1", HostRole::Agent, &["agent-1"]),
+            &agent_key.public_key(),
+            at(-60),
+        )
+        .unwrap();
+    let tls = postern_pki::tls::mtls_server_config(
+        vec![agent_cert.der().clone()],
+        agent_key.to_rustls(),
+        &[cluster.user_ca.trusted().clone()],
+        ring_provider(),
+        Arc::new(WallClock::system()),
+    )
+    .unwrap();
+    let served = ServedDatabase {
+        database: Database {
+            name: "orders".to_owned(),
+            description: "orders database".to_owned(),
+            protocol: Protocol::Postgres,
+            uri: format!("localhost:{}", database.port()),
+            labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
+        },
+        target: PostgresTarget {
+            host: "localhost".to_owned(),
+            port: database.port(),
+            tls: UpstreamTls::new(
+                TlsMode::VerifyFull,
+                cluster.db_ca.trusted().to_pem().as_bytes(),
+                None,
+                ring_provider(),
+                Arc::new(WallClock::system()),
+            )
+            .unwrap(),
+        },
+    };
+    let databases = Arc::new(vec![served.clone()]);
+    let config = SessionConfig {
+        cluster: "svc".to_owned(),
+        tls,
+        validator: Validator::new([cluster.user_ca.trusted().clone()]),
+        databases: vec![served],
+        limits: Default::default(),
+        handshake_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let db_ca = Arc::new(CertAuthority::from_pem(&cluster.db_ca.to_pem().unwrap()).unwrap());
+    let (audit_tx, audit_rx) = mpsc::channel(4096);
+    let sessions = Arc::new(SessionService::new(
+        &runtime,
+        config,
+        RoleMap::new(roles),
+        LocalDbCa::new(db_ca, WallClock::system()),
+        audit_tx,
+    ));
+
+    let agent_ssh_key = postern_pki::ssh::generate_ssh_key().unwrap();
+    let agent_ssh_cert = cluster
+        .host_ca
+        .issue_ssh_user_cert(
+            &cluster.host("agent-1", HostRole::Agent, &[]),
+            agent_ssh_key.public_key(),
+            at(-60),
+        )
+        .unwrap();
+    let announced = tokio::sync::watch::channel(vec!["orders".to_owned()]).1;
+    let config = AgentConfig::new(
+        "agent-1".to_owned(),
+        agent_ssh_key,
+        agent_ssh_cert,
+        vec![cluster.host_ca.ssh_public_key().unwrap()],
+        announced,
+    );
+    let (agent, mut channels) = Agent::new(&runtime, config).unwrap();
+    let (proxies_tx, proxies) = tokio::sync::watch::channel(vec![tunnel_addr]);
+    let tunnel_task = tokio::spawn(async move {
+        let _keep = proxies_tx;
+        agent.run(proxies).await;
+    });
+    let net = *runtime.net();
+    let channel_task = tokio::spawn(async move {
+        let mut running = tokio::task::JoinSet::new();
+        while let Some(channel) = channels.recv().await {
+            let sessions = sessions.clone();
+            let databases = databases.clone();
+            running.spawn(async move {
+                if channel.kind() == ChannelKind::Cancel {
+                    let _ = serve_cancel(channel, &databases, &net, CANCEL_TIMEOUT_DEFAULT).await;
+                } else {
+                    let _ = sessions.serve(channel).await;
+                }
+            });
+        }
+    });
+    (audit_rx, vec![tunnel_task, channel_task])
+}
+
+/// Waits until the proxy at `addrs` has the agent's tunnel for "orders" (via a query).
+async fn until_routable(cluster: &Cluster, addrs: &LocalAddrs, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok((client, _conn)) = try_pg_client(cluster, addrs.postgres.port()).await
+            && client.simple_query("select 1").await.is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// tokio-postgres through the proxy's PostgreSQL port: SSLRequest, TLS with alice's
+/// certificate (verify-full against the host CA), then the driver's start-up.
+async fn try_pg_client(
+    cluster: &Cluster,
+    port: u16,
+) -> Result<(tokio_postgres::Client, JoinHandle<()>), String> {
+    let mut tcp = Net::Tokio
+        .connect(&format!("127.0.0.1:{port}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    if answer[0] != b'S' {
+        return Err(format!("proxy answered {:?} to SSLRequest", answer[0]));
+    }
+    let tls = cluster
+        .client_tls(None)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    driver_over(tls).await
+}
+
+async fn driver_over<S>(stream: S) -> Result<(tokio_postgres::Client, JoinHandle<()>), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, connection) = tokio_postgres::Config::new()
+        .user("alice")
+        .dbname("postgres")
+        .ssl_mode(tokio_postgres::config::SslMode::Disable)
+        .connect_raw(stream, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => format!("{} {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        })?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, task))
+}
+
+fn conninfo(cluster: &Cluster, port: u16) -> String {
+    let ca = cluster.dir.path().join("host-ca.crt");
+    std::fs::write(&ca, cluster.host_ca.trusted().to_pem()).unwrap();
+    let (crt, key) = cluster.user_cert_files();
+    format!(
+        "host=localhost port={port} user=alice dbname=postgres sslmode=verify-full sslrootcert={} sslcert={} sslkey={} connect_timeout=10",
+        ca.display(),
+        crt.display(),
+        key.display()
+    )
+}
+
+/// Real psql running `sql`: (success, stdout, stderr).
+async fn psql(cluster: &Cluster, port: u16, sql: &str) -> (bool, String, String) {
+    let conninfo = conninfo(cluster, port);
+    let sql = sql.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                &conninfo,
+                "-c",
+                &sql,
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+fn drain_audit(audit: &mut mpsc::Receiver<AuditEvent>) -> Vec<String> {
+    std::iter::from_fn(|| audit.try_recv().ok())
+        .map(|e| {
+            let query = e
+                .fields
+                .get("query")
+                .and_then(|q| q.as_str())
+                .unwrap_or("-")
+                .to_owned();
+            format!("{} {} {}", e.event, e.code, query)
+        })
+        .collect()
+}
+
+/// A system: database, proxy service, one agent.
+struct System {
+    cluster: Arc<Cluster>,
+    database: PostgresServer,
+    proxy: RunningProxy,
+    audit: mpsc::Receiver<AuditEvent>,
+    _agent: Vec<JoinHandle<()>>,
+}
+
+async fn start_system(limits: ProxyLimits, auth_api_addr: Option<String>) -> System {
+    let cluster = Arc::new(Cluster::new());
+    let database = start_database(&cluster);
+    let proxy = start_proxy(&cluster, any_port(), auth_api_addr, limits).await;
+    let (audit, agent) = start_agent(
+        &cluster,
+        &database,
+        format!("localhost:{}", proxy.addrs.tunnel.port()),
+    );
+    assert!(
+        until_routable(&cluster, &proxy.addrs, Duration::from_secs(10)).await,
+        "the agent never became reachable through the proxy"
+    );
+    System {
+        cluster,
+        database,
+        proxy,
+        audit,
+        _agent: agent,
+    }
+}
+
+// psql and a driver with prepared statements reach PostgreSQL through the proxy
+// service; the agent audits the extended protocol, and the proxy's metrics count it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_and_prepared_statements_through_the_service() {
+    let mut system = start_system(ProxyLimits::default(), None).await;
+    let port = system.proxy.addrs.postgres.port();
+    let (ok, out, err) = psql(&system.cluster, port, "select current_user").await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "alice");
+
+    let (client, _conn) = try_pg_client(&system.cluster, port).await.unwrap();
+    let insert = client
+        .prepare("insert into notes values ($1, $2)")
+        .await
+        .unwrap();
+    for i in 0..3 {
+        client
+            .execute(&insert, &[&i, &format!("note {i}")])
+            .await
+            .unwrap();
+    }
+    let rows = client
+        .query(
+            "select body from notes where id >= $1 order by id",
+            &[&1i32],
+        )
+        .await
+        .unwrap();
+    let bodies: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(bodies, ["note 1", "note 2"]);
+    drop(client);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = drain_audit(&mut system.audit);
+    let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+    assert!(has("db.session.start TDB00I"), "{lines:#?}");
+    assert!(
+        has("db.session.postgres.statements.parse TPG00I insert into notes values ($1, $2)"),
+        "{lines:#?}"
+    );
+    assert!(
+        has("db.session.postgres.statements.bind TPG01I"),
+        "{lines:#?}"
+    );
+    assert!(
+        has("db.session.postgres.statements.execute TPG02I"),
+        "{lines:#?}"
+    );
+    assert!(has("db.session.end TDB01I"), "{lines:#?}");
+
+    let metrics = system.proxy.metrics_text();
+    assert!(
+        metrics.contains("postern_proxy_tunnels_connected 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("postern_proxy_active_sessions"),
+        "{metrics}"
+    );
+    let relayed = |direction: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("postern_proxy_bytes_relayed_total")
+                    && l.contains(&format!("direction=\"{direction}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(relayed("client_to_database") > 100, "{metrics}");
+    assert!(relayed("database_to_client") > 100, "{metrics}");
+}
+
+// Ctrl-C in psql cancels a running `select pg_sleep(60)` through the proxy within 2 s:
+// the CancelRequest on a new connection reaches the agent and then PostgreSQL over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_in_psql_cancels_the_query_through_the_proxy() {
+    let system = start_system(ProxyLimits::default(), None).await;
+    let conninfo = conninfo(&system.cluster, system.proxy.addrs.postgres.port());
+    let child = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            &conninfo,
+            "-c",
+            "select pg_sleep(60)",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+
+    let mut running = false;
+    for _ in 0..200 {
+        let active = system
+            .database
+            .psql(
+                "postgres",
+                "select count(*) from pg_stat_activity where query = 'select pg_sleep(60)' and state = 'active'",
+            )
+            .unwrap();
+        if active == "1" {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(running, "the query never started in PostgreSQL");
+
+    let started = tokio::time::Instant::now();
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+    )
+    .await
+    .expect("psql did not finish within 2 s of Ctrl-C")
+    .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "psql said: {stderr}"
+    );
+    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+    assert!(
+        system
+            .proxy
+            .metrics_text()
+            .contains("postern_proxy_cancel_requests_total{outcome=\"forwarded\"} 1")
+    );
+}
+
+// A cancel request with a key no session owns is dropped silently: the connection is
+// closed without an answer, and a running query is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_cancel_keys_are_dropped() {
+    let system = start_system(ProxyLimits::default(), None).await;
+    let port = system.proxy.addrs.postgres.port();
+    let (client, _conn) = try_pg_client(&system.cluster, port).await.unwrap();
+    let query =
+        tokio::spawn(async move { client.simple_query("select pg_sleep(1)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut raw = Net::Tokio
+        .connect(&format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    raw.write_all(&[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 1, 2, 3, 4])
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.is_empty(), "{answer:?}");
+    assert!(query.await.unwrap().is_ok(), "the query was cancelled");
+    assert!(
+        system
+            .proxy
+            .metrics_text()
+            .contains("postern_proxy_cancel_requests_total{outcome=\"unknown_key\"} 1")
+    );
+}
+
+/// A TLS server standing in for the auth API: answers one HTTP request per connection.
+async fn fake_auth_api(cluster: &Cluster) -> (String, JoinHandle<()>) {
+    let key = PrivateKey::generate().unwrap();
+    let cert = cluster
+        .host_ca
+        .issue_host(
+            &cluster.host("auth-1", HostRole::Auth, &["localhost"]),
+            &key.public_key(),
+            at(-60),
+        )
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(ring_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key.to_rustls())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        while let Ok(conn) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(conn).await else {
+                    return;
+                };
+                let mut request = vec![0u8; 1024];
+                let n = tls.read(&mut request).await.unwrap_or(0);
+                let line = String::from_utf8_lossy(&request[..n])
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                let body = format!("auth api saw: {line}");
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(reply.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+// The web port routes by ALPN: `postern-postgres` runs the PostgreSQL path inside the
+// TLS the proxy terminates; anything else reaches the auth API unchanged, with TLS end
+// to end (the client sees the auth API's certificate, not the proxy's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_port_routes_postgres_by_alpn_and_passes_the_rest_through() {
+    let cluster = Arc::new(Cluster::new());
+    let (api_addr, _api) = fake_auth_api(&cluster).await;
+    let database = start_database(&cluster);
+    let proxy = start_proxy(&cluster, any_port(), Some(api_addr), ProxyLimits::default()).await;
+    let (_audit, _agent) = start_agent(
+        &cluster,
+        &database,
+        format!("localhost:{}", proxy.addrs.tunnel.port()),
+    );
+    assert!(until_routable(&cluster, &proxy.addrs, Duration::from_secs(10)).await);
+    let web = proxy.addrs.web.unwrap();
+
+    // PostgreSQL over the web port: TLS with ALPN postern-postgres, then the driver.
+    let tcp = Net::Tokio.connect(&web.to_string()).await.unwrap();
+    let tls = cluster
+        .client_tls(Some(ALPN_POSTERN_POSTGRES))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_POSTERN_POSTGRES));
+    let (client, _conn) = driver_over(tls).await.unwrap();
+    let rows = client
+        .simple_query("select 'via the web port'")
+        .await
+        .unwrap();
+    let value = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("via the web port"));
+
+    // Anything else: passed through to the auth API, TLS end to end.
+    let plain = rustls::ClientConfig::builder_with_provider(ring_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates({
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(cluster.host_ca.trusted().der().clone()).unwrap();
+            roots
+        })
+        .with_no_client_auth();
+    let mut plain = plain;
+    plain.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = Net::Tokio.connect(&web.to_string()).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(plain))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let peer = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let seen = postern_pki::tls::peer_host(
+        Some(&[peer]),
+        &Validator::new([cluster.host_ca.trusted().clone()]),
+        HostRole::Auth,
+        now(),
+    );
+    assert!(
+        seen.is_ok(),
+        "the client did not see the auth API's certificate: {seen:?}"
+    );
+    tls.write_all(b"GET /v1/ping HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    tls.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    assert!(
+        reply.ends_with("auth api saw: GET /v1/ping HTTP/1.1"),
+        "{reply}"
+    );
+    drop(proxy);
+}
+
+// Restarting the proxy (drop the service, start a new one on the same ports): the
+// agent reconnects and a query succeeds again within 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_reconnect_after_a_proxy_restart() {
+    let mut system = start_system(ProxyLimits::default(), None).await;
+    let addrs = system.proxy.addrs;
+    system.proxy.task.abort();
+    let _ = (&mut system.proxy.task).await;
+    let listen = Listen {
+        postgres: addrs.postgres.to_string(),
+        web: addrs.web.map(|a| a.to_string()),
+        tunnel: addrs.tunnel.to_string(),
+    };
+    let restarted = tokio::time::Instant::now();
+    let proxy = start_proxy(&system.cluster, listen, None, ProxyLimits::default()).await;
+    assert_eq!(proxy.addrs, addrs);
+    assert!(
+        until_routable(&system.cluster, &proxy.addrs, Duration::from_secs(5)).await,
+        "no query succeeded within 5 s of the restart"
+    );
+    assert!(restarted.elapsed() < Duration::from_secs(5));
+    let (ok, out, err) = psql(&system.cluster, addrs.postgres.port(), "select 'back'").await;
+    assert!(ok && out == "back", "{err}");
+}
+
+// Malformed bytes from some clients (garbage, a bogus length, data after SSLRequest, a
+// broken TLS record) end only their own connections: a session in progress and new
+// sessions are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_clients_do_not_affect_other_sessions() {
+    let system = start_system(ProxyLimits::default(), None).await;
+    let port = system.proxy.addrs.postgres.port();
+    let (client, _conn) = try_pg_client(&system.cluster, port).await.unwrap();
+    client.simple_query("begin").await.unwrap();
+    client
+        .simple_query("insert into notes values (7, 'before')")
+        .await
+        .unwrap();
+
+    let junk: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        vec![0xff; 64],
+        vec![0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0],
+        vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f, b'x', b'y'],
+        vec![0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3],
+        (0..4096u32).map(|i| (i * 7 % 251) as u8).collect(),
+    ];
+    let mut tasks = Vec::new();
+    for bytes in junk {
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Net::Tokio
+                .connect(&format!("127.0.0.1:{port}"))
+                .await
+                .unwrap();
+            let _ = conn.write_all(&bytes).await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(15), conn.read_to_end(&mut answer))
+                .await
+                .expect("the proxy never closed a malformed connection");
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    client
+        .simple_query("insert into notes values (8, 'after')")
+        .await
+        .unwrap();
+    client.simple_query("commit").await.unwrap();
+    let (ok, out, err) = psql(
+        &system.cluster,
+        port,
+        "select string_agg(body, ',' order by id) from notes",
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "before,after");
+    let metrics = system.proxy.metrics_text();
+    assert!(
+        metrics.contains("postern_proxy_handshake_failures_total{reason=\"protocol\"}"),
+        "{metrics}"
+    );
+}
+
+// With connections_per_user_max = 1, a second session of the same user is refused
+// with SQLSTATE 53300 naming the limit; once the first ends, a new one is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_connection_limit_refuses_with_53300() {
+    let limits = ProxyLimits {
+        connections_per_user_max: 1,
+        ..ProxyLimits::default()
+    };
+    let system = start_system(limits, None).await;
+    let port = system.proxy.addrs.postgres.port();
+    // until_routable's probe session has ended; wait for its slot to come back.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (first, first_conn) = try_pg_client(&system.cluster, port).await.unwrap();
+    first.simple_query("select 1").await.unwrap();
+
+    let refused = try_pg_client(&system.cluster, port).await;
+    let error = refused.err().expect("a second session was accepted");
+    assert!(
+        error.contains("53300") || error.contains("too many connections"),
+        "{error}"
+    );
+    let (ok, _, err) = psql(&system.cluster, port, "select 1").await;
+    assert!(!ok);
+    assert!(
+        err.contains("too many connections for user \"alice\"")
+            && err.contains("connections_per_user_max"),
+        "{err}"
+    );
+
+    drop(first);
+    let _ = first_conn.await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (ok, out, err) = psql(&system.cluster, port, "select 'again'").await;
+    assert!(ok && out == "again", "{err}");
+}
+
+// Shutdown drains: new connections are refused at once, a running session goes on
+// until the drain timeout, then it is closed and `run` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_then_closes_sessions() {
+    let limits = ProxyLimits {
+        drain_timeout: Duration::from_secs(2),
+        ..ProxyLimits::default()
+    };
+    let mut system = start_system(limits, None).await;
+    let port = system.proxy.addrs.postgres.port();
+    let (client, _conn) = try_pg_client(&system.cluster, port).await.unwrap();
+    client.simple_query("select 1").await.unwrap();
+
+    let began = tokio::time::Instant::now();
+    system.proxy.shutdown.take().unwrap().send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        Net::Tokio
+            .connect(&format!("127.0.0.1:{port}"))
+            .await
+            .is_err(),
+        "the listener still accepts after shutdown"
+    );
+    // Draining: the running session still works.
+    client
+        .simple_query("select 'still draining'")
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), &mut system.proxy.task)
+        .await
+        .expect("run did not return after the drain timeout")
+        .unwrap();
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "closed before the drain timeout: {took:?}"
+    );
+    assert!(
+        client.simple_query("select 1").await.is_err(),
+        "the session outlived the drain"
+    );
+}
