@@ -51,6 +51,9 @@ pub(crate) struct StateArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// The user's commands: login, status, logout, db, proxy.
+    #[command(flatten)]
+    User(crate::client_cmd::UserCommand),
     /// Administer users, roles, tokens, certificate authorities and databases.
     #[command(subcommand)]
     Admin(Admin),

@@ -3,6 +3,7 @@
 
 mod admin;
 mod cli;
+mod client_cmd;
 
 use std::process::ExitCode;
 
@@ -10,6 +11,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if let cli::Command::User(command) = &cli.command {
+        return client_cmd::main(command);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
