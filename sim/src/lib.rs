@@ -4,7 +4,16 @@
 //! `postern_rt::Runtime::simulated`; time, the network and faults are simulated, so the
 //! same seed replays the same run. What a run did is recorded as a [`Trace`] of
 //! meaningful events, and two runs of one seed must give the same [`Trace::hash`].
+//!
+//! - [`fakedb`]: the only fake part, small PostgreSQL servers that record every
+//!   statement they execute and as whom;
+//! - [`world`]: the shared record of a run that invariants are checked against.
 
+pub mod client;
+pub mod cluster;
+pub mod fakedb;
+pub mod scenario;
 mod trace;
+pub mod world;
 
 pub use trace::{Trace, TraceEvent};
