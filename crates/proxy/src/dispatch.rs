@@ -5,11 +5,13 @@
 //!   ─► for each, in the router's order: channel over the tunnel ─► mutual TLS with a
 //!      proxy→agent certificate carrying the user's identity ─► peer is an agent host?
 //!      (tunnel or TLS failure: try the next agent; any other: stop)
-//!   ─► the client's StartupMessage ─► bytes both ways until either side closes
+//!   ─► the client's StartupMessage ─► the agent's answer up to ReadyForQuery, parsed
+//!      for BackendKeyData (the session's cancel key) ─► bytes both ways until either
+//!      side closes
 //! ```
 //!
-//! The agent authorizes, connects to the database and audits; the proxy only moves
-//! bytes after start-up, without parsing them and without per-message logging.
+//! The agent authorizes, connects to the database and audits; after start-up the proxy
+//! only moves bytes, without parsing them and without per-message logging.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
