@@ -16,6 +16,8 @@
 //! | `POST /v1/db-client` | agent (certificate for a self-hosted database) |
 //! | `POST /v1/join` | anyone with a join token |
 //! | `POST /v1/hosts/renew` | proxy or agent |
+//! | `POST /v1/hosts/ssh` | proxy or agent (SSH certificate for the reverse tunnel) |
+//! | `GET /v1/roles` | proxy or agent (every role, with a version to spot changes) |
 //! | `POST /v1/registry/announce`, `/keepalive`, `/withdraw` | agent |
 //! | `GET /v1/registry/servers/{name}` | proxy |
 //! | `POST /v1/audit/events` | proxy or agent |
@@ -265,6 +267,8 @@ pub fn router<B: Backend, A: AuditLog>(server: Arc<AuthServer<B, A>>) -> Router 
         .route("/v1/db-client", post(db_client::<B, A>))
         .route("/v1/join", post(join::<B, A>))
         .route("/v1/hosts/renew", post(renew::<B, A>))
+        .route("/v1/hosts/ssh", post(ssh_cert::<B, A>))
+        .route("/v1/roles", get(roles::<B, A>))
         .route("/v1/registry/announce", post(announce::<B, A>))
         .route("/v1/registry/keepalive", post(keep_alive::<B, A>))
         .route("/v1/registry/withdraw", post(withdraw::<B, A>))
@@ -522,6 +526,30 @@ pub struct RenewRequest {
     pub public_key: String,
 }
 
+/// `POST /v1/hosts/ssh`
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshCertRequest {
+    /// The host's SSH public key, OpenSSH format (`ssh-ed25519 AAAA...`).
+    pub public_key: String,
+}
+
+/// An SSH certificate for the reverse tunnel, OpenSSH format, and the host CA's SSH
+/// public keys (OpenSSH format; two while the host CA rotates).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SshCertResponse {
+    pub cert: String,
+    pub host_ca_keys: Vec<String>,
+}
+
+/// `GET /v1/roles`: every role, and a version that changes whenever any role does
+/// (hosts poll it and refresh their cache when the version moves).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RolesResponse {
+    pub version: String,
+    pub roles: Vec<crate::role::Role>,
+}
+
 /// `POST /v1/registry/announce`
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -720,6 +748,48 @@ async fn renew<B: Backend, A: AuditLog>(
         cert: renewed.cert.to_pem(),
         cas: pem_bundle(&renewed.trusted),
     }))
+}
+
+async fn ssh_cert<B: Backend, A: AuditLog>(
+    State(server): State<Arc<AuthServer<B, A>>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    ApiJson(request): ApiJson<SshCertRequest>,
+) -> Result<Json<SshCertResponse>, ApiError> {
+    use postern_pki::ssh::ssh_key;
+    let host = host_caller(&server, &peer, &[HostRole::Proxy, HostRole::Agent]).await?;
+    let key = ssh_key::PublicKey::from_openssh(request.public_key.trim()).map_err(|error| {
+        ApiError::from(Error::invalid(
+            "public_key",
+            format!("not an OpenSSH public key: {error}"),
+        ))
+    })?;
+    let issued = server.issue_ssh_for_host(&host, &key).await?;
+    let openssh = |error: ssh_key::Error| {
+        ApiError::from(Error::invalid("ssh certificate", error.to_string()))
+    };
+    let cert = issued.cert.to_openssh().map_err(openssh)?;
+    let host_ca_keys = issued
+        .host_ca_keys
+        .iter()
+        .map(|key| key.to_openssh().map_err(openssh))
+        .collect::<Result<_, _>>()?;
+    Ok(Json(SshCertResponse { cert, host_ca_keys }))
+}
+
+async fn roles<B: Backend, A: AuditLog>(
+    State(server): State<Arc<AuthServer<B, A>>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> Result<Json<RolesResponse>, ApiError> {
+    host_caller(&server, &peer, &[HostRole::Proxy, HostRole::Agent]).await?;
+    let roles = server.state().roles().await?;
+    let encoded = serde_json::to_vec(&roles)
+        .map_err(|error| ApiError::from(Error::invalid("roles", error.to_string())))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &encoded);
+    let version = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Json(RolesResponse { version, roles }))
 }
 
 async fn announce<B: Backend, A: AuditLog>(

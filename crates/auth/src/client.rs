@@ -20,7 +20,8 @@ use crate::Error;
 use crate::api::{
     AnnounceRequest, CertResponse, DatabaseCertRequest, DbAccessRequest, DbClientRequest,
     ErrorBody, JoinRequest, KeepAliveRequest, ListedDatabaseResponse, LoginRequest, RenewRequest,
-    RevisionResponse, StoredResponse, WithdrawRequest,
+    RevisionResponse, RolesResponse, SshCertRequest, SshCertResponse, StoredResponse,
+    WithdrawRequest,
 };
 use crate::audit::AuditEvent;
 use crate::server::DatabaseServer;
@@ -235,6 +236,17 @@ impl AuthClient {
     /// Proxy or agent: a fresh host certificate.
     pub async fn renew(&self, request: &RenewRequest) -> Result<CertResponse, Error> {
         self.json("POST", "/v1/hosts/renew", Some(request)).await
+    }
+
+    /// Proxy or agent: an SSH certificate for the reverse tunnel, for the host whose
+    /// certificate this client presents.
+    pub async fn ssh_cert(&self, request: &SshCertRequest) -> Result<SshCertResponse, Error> {
+        self.json("POST", "/v1/hosts/ssh", Some(request)).await
+    }
+
+    /// Proxy or agent: every role, with a version that changes when any role does.
+    pub async fn roles(&self) -> Result<RolesResponse, Error> {
+        self.json("GET", "/v1/roles", None::<&()>).await
     }
 
     /// Agent: announces a database under a lease.

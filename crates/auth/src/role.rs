@@ -46,7 +46,7 @@ pub struct Role {
 }
 
 /// Session options; when a user has several roles, the strictest wins.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleOptions {
     /// Longest certificate this role allows, in seconds.
@@ -55,9 +55,23 @@ pub struct RoleOptions {
     /// Idle sessions are closed after this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_idle_timeout_secs: Option<u64>,
-    /// Close sessions when the certificate they opened with expires.
-    #[serde(default)]
+    /// Close sessions when the certificate they opened with expires. On by default.
+    #[serde(default = "default_disconnect_expired_cert")]
     pub disconnect_expired_cert: bool,
+}
+
+fn default_disconnect_expired_cert() -> bool {
+    true
+}
+
+impl Default for RoleOptions {
+    fn default() -> Self {
+        Self {
+            max_session_ttl_secs: None,
+            client_idle_timeout_secs: None,
+            disconnect_expired_cert: default_disconnect_expired_cert(),
+        }
+    }
 }
 
 /// One side (allow or deny) of a role.
@@ -447,7 +461,10 @@ pub fn parse_role_file(file: &str, text: &str) -> Result<Vec<Role>, Error> {
                 raw_role.options.client_idle_timeout,
                 "options.client_idle_timeout",
             )?,
-            disconnect_expired_cert: raw_role.options.disconnect_expired_cert.unwrap_or(false),
+            disconnect_expired_cert: raw_role
+                .options
+                .disconnect_expired_cert
+                .unwrap_or_else(default_disconnect_expired_cert),
         };
         let mut sides = Vec::with_capacity(2);
         for (side, raw_rules) in [("allow", raw_role.allow), ("deny", raw_role.deny)] {

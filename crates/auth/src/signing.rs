@@ -40,6 +40,9 @@ use crate::user::{Traits, User};
 pub const CA_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Lifetime of proxy→agent certificates: long enough to connect, no longer.
 pub const DB_ACCESS_CERT_TTL: Duration = Duration::from_secs(10 * 60);
+/// Trait of proxy→agent certificates carrying the user certificate's expiry (Unix
+/// seconds): sessions end then when a role sets `disconnect_expired_cert`.
+pub const SESSION_EXPIRES_TRAIT: &str = "postern:session_expires";
 /// Lifetime of the certificates agents present to databases.
 pub const DB_CLIENT_CERT_TTL: Duration = Duration::from_secs(60 * 60);
 /// Lifetime of proxy and agent host certificates.
@@ -135,6 +138,13 @@ pub struct HostCert {
     pub host: HostIdentity,
     /// Every trusted CA of every kind.
     pub trusted: Vec<TrustedCa>,
+}
+
+/// A host's SSH certificate for the reverse tunnel, with the host CA keys to trust.
+#[derive(Debug, Clone)]
+pub struct SshHostCert {
+    pub cert: postern_pki::ssh::ssh_key::Certificate,
+    pub host_ca_keys: Vec<postern_pki::ssh::ssh_key::PublicKey>,
 }
 
 /// What a CA kind's rotation looks like now.
@@ -506,12 +516,27 @@ impl<B: Backend, A: AuditLog> AuthServer<B, A> {
             self.validator()
                 .await?
                 .verify_identity(user_cert_der, Purpose::UserDatabase, now)?;
-        let (identity, cert) = self.signer(CaKind::User).await?.issue_db_access(
-            &user,
-            public_key,
-            now,
-            DB_ACCESS_CERT_TTL,
-        )?;
+        // The certificate lives minutes; the user's own expiry rides along as a trait
+        // so that the agent can end the session when the user's certificate expires
+        // (role option `disconnect_expired_cert`), not when this one does.
+        let mut identity = user.identity().clone();
+        if identity.route.is_none() {
+            return Err(postern_pki::Error::RouteMissing {
+                cert: format!("{:?}", identity.user),
+                user: identity.user,
+            }
+            .into());
+        }
+        identity.traits.insert(
+            SESSION_EXPIRES_TRAIT.to_owned(),
+            vec![identity.expires.as_secs().to_string()],
+        );
+        identity.usage = Usage::Db;
+        identity.expires = identity.expires.min(later(now, DB_ACCESS_CERT_TTL));
+        let cert = self
+            .signer(CaKind::User)
+            .await?
+            .issue_identity(&identity, public_key, now)?;
         self.record_issued(
             &identity.user,
             "db",
@@ -584,6 +609,43 @@ impl<B: Backend, A: AuditLog> AuthServer<B, A> {
             public_key,
         )
         .await
+    }
+
+    /// The SSH certificate a joined host uses on the reverse tunnel, for `key`: a user
+    /// certificate for an agent (it dials), a host certificate for a proxy (it answers),
+    /// with the host CA's SSH keys to trust (both while the host CA rotates).
+    pub async fn issue_ssh_for_host(
+        &self,
+        host: &VerifiedHost,
+        key: &postern_pki::ssh::ssh_key::PublicKey,
+    ) -> Result<SshHostCert, Error> {
+        let now = self.clock().now();
+        let mut identity = host.host().clone();
+        identity.expires = later(now, HOST_CERT_TTL);
+        let signer = self.signer(CaKind::Host).await?;
+        let cert = match identity.role {
+            HostRole::Agent => signer.issue_ssh_user_cert(&identity, key, now)?,
+            HostRole::Proxy => signer.issue_ssh_host_cert(&identity, key, now)?,
+            other => {
+                return Err(Error::invalid(
+                    "caller",
+                    format!("{} hosts hold no tunnel certificate", other.as_str()),
+                ));
+            }
+        };
+        let (stored, _) = self.load_cas(CaKind::Host).await?;
+        let mut host_ca_keys = Vec::new();
+        for pem in std::iter::once(&stored.current).chain(stored.next.as_ref()) {
+            host_ca_keys.extend(pem.load()?.ssh_public_key());
+        }
+        self.record_issued(
+            &identity.host_id,
+            &format!("{}-ssh", identity.role.as_str()),
+            identity.expires,
+            &[],
+        )
+        .await?;
+        Ok(SshHostCert { cert, host_ca_keys })
     }
 
     /// The auth server's own TLS certificate (not audited: nobody asked for it).

@@ -299,3 +299,85 @@ async fn unreachable_server() {
         other => panic!("expected unreachable, got {other}"),
     }
 }
+
+// A joined agent gets a tunnel SSH certificate that verifies against the host CA keys
+// returned beside it, and the roles endpoint's version moves when a role changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_gets_ssh_cert_and_versioned_roles() {
+    use postern_auth::api::SshCertRequest;
+    use postern_pki::HostRole;
+    use postern_pki::ssh::{SshExpectation, generate_ssh_key, ssh_key, verify_ssh_cert};
+
+    let s = setup().await;
+    let agent_key = PrivateKey::generate().unwrap();
+    let token = s
+        .server
+        .create_join_token("root", TokenKind::Db, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let joined = s
+        .client(None)
+        .join(&JoinRequest {
+            token,
+            kind: TokenKind::Db,
+            host_id: "agent-ssh".into(),
+            names: vec![],
+            public_key: b64(agent_key.public_key().der()),
+        })
+        .await
+        .unwrap();
+    let agent = s.client(Some((der(&joined.cert), &agent_key)));
+
+    let ssh = generate_ssh_key().unwrap();
+    let answer = agent
+        .ssh_cert(&SshCertRequest {
+            public_key: ssh.public_key().to_openssh().unwrap(),
+        })
+        .await
+        .unwrap();
+    let cert = ssh_key::Certificate::from_openssh(&answer.cert).unwrap();
+    let ca_keys: Vec<ssh_key::PublicKey> = answer
+        .host_ca_keys
+        .iter()
+        .map(|k| ssh_key::PublicKey::from_openssh(k).unwrap())
+        .collect();
+    assert_eq!(ca_keys.len(), 1);
+    let verified = verify_ssh_cert(
+        &cert,
+        SshExpectation {
+            cert_type: ssh_key::certificate::CertType::User,
+            role: HostRole::Agent,
+            principal: "agent-ssh",
+        },
+        &ca_keys,
+        s.clock.now(),
+    )
+    .unwrap();
+    assert_eq!(verified.key_id(), "agent-ssh");
+    assert_eq!(cert.public_key(), ssh.public_key().key_data());
+
+    // Without a host certificate, neither endpoint answers.
+    assert!(matches!(
+        s.client(None).roles().await,
+        Err(Error::Remote { status: 401, .. })
+    ));
+
+    let before = agent.roles().await.unwrap();
+    assert_eq!(
+        before
+            .roles
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        ["dev"]
+    );
+    assert_eq!(agent.roles().await.unwrap().version, before.version);
+    let ops = "[[role]]\nname = \"ops\"\nallow.db_labels = { env = \"prod\" }\nallow.db_users = [\"*\"]\n";
+    s.server
+        .apply_roles("root", &parse_role_file("r.toml", ops).unwrap())
+        .await
+        .unwrap();
+    let after = agent.roles().await.unwrap();
+    assert_ne!(after.version, before.version);
+    assert_eq!(after.roles.len(), 2);
+}

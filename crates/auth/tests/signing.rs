@@ -360,6 +360,19 @@ async fn hosts_join_and_get_their_certs() {
         at_agent.identity().route.as_ref().unwrap().service,
         "dev-pg"
     );
+    // The proxy→agent certificate lives minutes, and carries the user certificate's
+    // own expiry for the agent's disconnect_expired_cert.
+    let user_expires = validator
+        .verify_identity(db_cert.der(), Purpose::UserDatabase, now)
+        .unwrap()
+        .identity()
+        .expires;
+    assert!(at_agent.identity().expires.as_secs() <= now.as_secs() + 600);
+    assert!(user_expires.as_secs() > now.as_secs() + 600);
+    assert_eq!(
+        at_agent.identity().traits[postern_auth::signing::SESSION_EXPIRES_TRAIT],
+        vec![user_expires.as_secs().to_string()]
+    );
     assert!(
         f.server
             .issue_db_access(&agent, db_cert.der(), &agent_key.public_key())
