@@ -16,6 +16,15 @@
 //!   `db.session.end`).
 
 pub mod cancel;
+pub mod metrics;
+pub mod rds;
 pub mod relay;
+pub mod service;
 pub mod session;
+pub mod spool;
 pub mod upstream;
+
+pub use service::{
+    AgentError, AgentService, AgentServiceConfig, AgentTimers, DatabaseConfig, DatabaseTls,
+    DynamicLabel, HostMaterial,
+};

@@ -10,11 +10,13 @@
 //! the session slows down, and no statement runs unaudited or has its event dropped.
 //! Nothing is logged per message.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use postern_pg::{AuditEvent, Relay};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
 /// Bytes read from one side at a time.
 pub const CHUNK_SIZE: usize = 16 * 1024;
@@ -33,6 +35,25 @@ pub enum RelayEnd {
     AuditClosed,
     /// A socket failed.
     Io(String),
+    /// Nothing moved either way for the role's `client_idle_timeout`; the client was
+    /// told (SQLSTATE 57P05).
+    IdleTimeout(Duration),
+    /// The user's certificate expired (role option `disconnect_expired_cert`); the
+    /// client was told to log in again (SQLSTATE 57P01).
+    CertExpired,
+}
+
+/// Session limits the relay enforces, driven by `tokio::time` (so simulations control
+/// them).
+#[derive(Clone, Default)]
+pub struct Controls {
+    /// End the session after this long without bytes in either direction.
+    pub idle_timeout: Option<Duration>,
+    /// End the session at this moment: the user's certificate expires. `check` is
+    /// asked first, so that a wall clock that moved differently from the monotonic one
+    /// decides (it returns how much longer to wait, or `None` when expired).
+    pub expires_at: Option<Instant>,
+    pub check_expired: Option<Arc<dyn Fn() -> Option<Duration> + Send + Sync>>,
 }
 
 /// Bytes already read from either side during start-up, to be relayed first.
@@ -58,9 +79,27 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    run_with_controls(client, server, relay, pending, events, Controls::default()).await
+}
+
+/// [`run`], ending the session early as `controls` say (idle timeout, certificate
+/// expiry) with an ErrorResponse to the client that says why.
+pub async fn run_with_controls<C, S>(
+    client: C,
+    server: S,
+    relay: Relay,
+    pending: Pending,
+    events: mpsc::Sender<AuditEvent>,
+    controls: Controls,
+) -> RelayEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let shared = Shared {
         relay: Mutex::new(relay),
         stop: Notify::new(),
+        last_activity: Mutex::new(Instant::now()),
     };
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = tokio::io::split(server);
@@ -82,37 +121,64 @@ where
         end = e;
     }
     if end == RelayEnd::Closed {
-        let (up, down) = tokio::join!(
-            half(
-                &shared,
-                Side::Client,
-                &mut client_read,
-                &mut server_write,
-                &events
-            ),
-            half(
-                &shared,
-                Side::Server,
-                &mut server_read,
-                &mut client_write,
-                &events
-            ),
-        );
-        // The first failure explains the end; a clean close of both is Closed.
-        end = [up, down]
-            .into_iter()
-            .find(|e| *e != RelayEnd::Closed)
-            .unwrap_or(RelayEnd::Closed);
+        let halves = async {
+            tokio::join!(
+                half(
+                    &shared,
+                    Side::Client,
+                    &mut client_read,
+                    &mut server_write,
+                    &events
+                ),
+                half(
+                    &shared,
+                    Side::Server,
+                    &mut server_read,
+                    &mut client_write,
+                    &events
+                ),
+            )
+        };
+        // Dropping the halves mid-way is safe for the audit: a chunk's events are sent
+        // before any of its bytes are written, so a cancelled chunk never ran.
+        end = tokio::select! {
+            biased;
+            ended = watchdog(&shared, &controls) => ended,
+            (up, down) = halves => {
+                // The first failure explains the end; a clean close of both is Closed.
+                [up, down]
+                    .into_iter()
+                    .find(|e| *e != RelayEnd::Closed)
+                    .unwrap_or(RelayEnd::Closed)
+            }
+        };
     }
-    if let RelayEnd::ClientError(message) = &end {
-        let mut out = Vec::new();
-        let response = postern_pg::BackendMessage::error(
+    let farewell = match &end {
+        RelayEnd::ClientError(message) => Some(postern_pg::BackendMessage::error(
             postern_pg::reply::Severity::Fatal,
             postern_pg::reply::SqlState::PROTOCOL_VIOLATION,
             message,
-        );
+        )),
+        RelayEnd::IdleTimeout(timeout) => Some(fatal(
+            IDLE_SESSION_TIMEOUT,
+            &format!(
+                "terminating connection due to idle-session timeout: nothing was sent for \
+                 {} s (role option client_idle_timeout); reconnect to continue",
+                timeout.as_secs()
+            ),
+        )),
+        RelayEnd::CertExpired => Some(fatal(
+            ADMIN_SHUTDOWN,
+            "terminating connection: your Postern certificate expired (role option \
+             disconnect_expired_cert); run `postern db login` to get a new one, then reconnect",
+        )),
+        _ => None,
+    };
+    if let Some(response) = farewell {
+        let mut out = Vec::new();
         if response.encode(&mut out).is_ok() {
             let _ = client_write.write_all(&out).await;
+            let _ = client_write.flush().await;
         }
     }
     let _ = client_write.shutdown().await;
@@ -139,6 +205,8 @@ enum Side {
 
 struct Shared {
     relay: Mutex<Relay>,
+    /// When bytes last moved, either way (for the idle timeout).
+    last_activity: Mutex<Instant>,
     /// Wakes the other half when one half ends the session. `notify_one` keeps a permit
     /// if the other half is not waiting yet (busy writing), so the stop is never missed.
     stop: Notify,
@@ -159,6 +227,10 @@ impl Shared {
         to: &mut W,
         events: &mpsc::Sender<AuditEvent>,
     ) -> Result<(), RelayEnd> {
+        *self
+            .last_activity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
         let (result, ready) = {
             let mut relay = self.lock();
             let result = match from {
@@ -186,6 +258,80 @@ impl Shared {
         let io = |e: std::io::Error| RelayEnd::Io(e.to_string());
         to.write_all(chunk).await.map_err(io)?;
         to.flush().await.map_err(io)
+    }
+}
+
+/// SQLSTATE 57P05, idle_session_timeout.
+pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+/// SQLSTATE 57P01, admin_shutdown: the session was ended from outside.
+pub const ADMIN_SHUTDOWN: &str = "57P01";
+
+/// A FATAL ErrorResponse with `code` (one PostgreSQL defines that `SqlState` has no
+/// constant for).
+fn fatal(code: &str, message: &str) -> postern_pg::BackendMessage {
+    use postern_pg::backend::{Fields, field};
+    let mut fields = Fields::error(
+        postern_pg::reply::Severity::Fatal,
+        postern_pg::reply::SqlState::CONNECTION_FAILURE,
+        message,
+    );
+    for (kind, value) in &mut fields.fields {
+        if *kind == field::CODE {
+            *value = code.as_bytes().to_vec();
+        }
+    }
+    postern_pg::BackendMessage::ErrorResponse(fields)
+}
+
+impl std::fmt::Debug for Controls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controls")
+            .field("idle_timeout", &self.idle_timeout)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Returns when a control ends the session; never if there are none.
+async fn watchdog(shared: &Shared, controls: &Controls) -> RelayEnd {
+    loop {
+        let idle_at = controls.idle_timeout.map(|timeout| {
+            *shared
+                .last_activity
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                + timeout
+        });
+        let wake = match (idle_at, controls.expires_at) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(at) => at,
+                None => return std::future::pending().await,
+            },
+        };
+        tokio::time::sleep_until(wake).await;
+        let now = Instant::now();
+        if let Some(expires_at) = controls.expires_at
+            && now >= expires_at
+        {
+            match controls.check_expired.as_ref().and_then(|check| check()) {
+                // The wall clock says not yet: wait what it says is left.
+                Some(left) if !left.is_zero() => {
+                    tokio::time::sleep(left).await;
+                    return RelayEnd::CertExpired;
+                }
+                _ => return RelayEnd::CertExpired,
+            }
+        }
+        if let (Some(timeout), Some(_)) = (controls.idle_timeout, idle_at) {
+            let last = *shared
+                .last_activity
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if now >= last + timeout {
+                return RelayEnd::IdleTimeout(timeout);
+            }
+        }
     }
 }
 

@@ -28,10 +28,11 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_auth::access::{AccessRequest, Denial, check_access};
+use postern_auth::access::{AccessRequest, Denial, SessionOptions, check_access};
 use postern_auth::audit::{AuditEvent, random_id};
 use postern_auth::database::{Database, Protocol};
 use postern_auth::role::Role;
+use postern_auth::signing::SESSION_EXPIRES_TRAIT;
 use postern_auth::user::Traits;
 use postern_pg::backend::{BackendMessage, Fields, field};
 use postern_pg::frontend::{StartupMessage, StartupRequest};
@@ -48,7 +49,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::relay::{self, Pending, RelayEnd};
+use crate::relay::{self, Controls, Pending, RelayEnd};
 use crate::upstream::postgres::{Credential, PostgresTarget, UpstreamError};
 
 /// How long the proxy has to finish the TLS handshake and send the StartupMessage.
@@ -267,6 +268,8 @@ pub enum SessionError {
     Upstream(UpstreamError),
     #[error("the audit log is not accepting events; sessions do not open unaudited")]
     AuditUnavailable,
+    #[error("{0}")]
+    AuditFull(crate::spool::SpoolFull),
 }
 
 impl SessionError {
@@ -317,6 +320,9 @@ impl SessionError {
 /// behind an `Arc`; each [`SessionService::serve`] is one session.
 pub struct SessionService<R, C> {
     config: SessionConfig,
+    /// The served databases, with labels that dynamic label commands update.
+    databases: std::sync::RwLock<Vec<ServedDatabase>>,
+    audit_gate: Option<crate::spool::AuditGate>,
     acceptor: TlsAcceptor,
     net: Net,
     clock: WallClock,
@@ -355,6 +361,8 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
     ) -> Self {
         Self {
             acceptor: TlsAcceptor::from(config.tls.clone()),
+            databases: std::sync::RwLock::new(config.databases.clone()),
+            audit_gate: None,
             config,
             net: *runtime.net(),
             clock: runtime.clock().clone(),
@@ -363,6 +371,36 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             credentials,
             audit,
         }
+    }
+
+    /// Refuses new sessions while `gate` says the audit spool is full.
+    pub fn with_audit_gate(mut self, gate: crate::spool::AuditGate) -> Self {
+        self.audit_gate = Some(gate);
+        self
+    }
+
+    /// Replaces the labels of the served database `name` (dynamic labels); the next
+    /// access check uses them. `false` if this service does not serve `name`.
+    pub fn set_labels(&self, name: &str, labels: BTreeMap<String, String>) -> bool {
+        let mut databases = self
+            .databases
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match databases.iter_mut().find(|d| d.database.name == name) {
+            Some(served) => {
+                served.database.labels = labels;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The served databases as they are now (labels included).
+    pub fn databases(&self) -> Vec<ServedDatabase> {
+        self.databases
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Serves one channel from start to end: the session's events, from
@@ -399,7 +437,7 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
         let opened = self
             .open(&mut tls, &channel.database, deadline, &mut common)
             .await;
-        let (startup_rest, upstream) = match opened {
+        let (startup_rest, upstream, controls) = match opened {
             Ok(opened) => opened,
             Err(error) => return Err(self.refuse(&mut tls, &common, &rng, error).await),
         };
@@ -424,7 +462,7 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
         };
         let relay = Relay::new(self.config.limits.clone());
         let (end, ()) = tokio::join!(
-            relay::run(tls, upstream.stream, relay, pending, events),
+            relay::run_with_controls(tls, upstream.stream, relay, pending, events, controls),
             self.forward_events(queued, &common, &rng),
         );
         self.send_end(&common, &rng, &end).await;
@@ -442,7 +480,7 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
         channel_database: &str,
         deadline: Instant,
         common: &mut Common,
-    ) -> Result<(Vec<u8>, crate::upstream::postgres::Upstream), SessionError> {
+    ) -> Result<(Vec<u8>, crate::upstream::postgres::Upstream, Controls), SessionError> {
         let verified = peer_identity(
             tls.get_ref().1.peer_certificates(),
             &self.config.validator,
@@ -462,7 +500,7 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
         common.db_user = Some(params.user.clone());
         common.db_name = Some(params.database.clone());
 
-        let served = self.route(identity, channel_database)?;
+        let served = &self.route(identity, channel_database)?;
         common.protocol = Some(served.database.protocol.to_string());
         common.uri = Some(served.database.uri.clone());
 
@@ -490,9 +528,13 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
         )
         .map_err(SessionError::Denied)?;
         common.db_name = Some(access.db_name);
+        let controls = self.controls(identity, &SessionOptions::of(&roles));
         // No database session for a session that could not be audited.
         if self.audit.is_closed() {
             return Err(SessionError::AuditUnavailable);
+        }
+        if let Some(gate) = &self.audit_gate {
+            gate.check().map_err(SessionError::AuditFull)?;
         }
 
         let credential = self
@@ -514,7 +556,35 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             )
             .await
             .map_err(SessionError::Upstream)?;
-        Ok((rest, upstream))
+        Ok((rest, upstream, controls))
+    }
+
+    /// The relay's limits from the roles' options: idle timeout, and the end at the
+    /// user certificate's expiry (the proxy→agent certificate lives minutes; the user's
+    /// expiry rides in [`SESSION_EXPIRES_TRAIT`]).
+    fn controls(&self, identity: &Identity, options: &SessionOptions) -> Controls {
+        let mut controls = Controls {
+            idle_timeout: options.client_idle_timeout.filter(|t| !t.is_zero()),
+            ..Controls::default()
+        };
+        if options.disconnect_expired_cert {
+            let expires_secs = identity
+                .traits
+                .get(SESSION_EXPIRES_TRAIT)
+                .and_then(|values| values.first())
+                .and_then(|secs| secs.parse::<u64>().ok())
+                .unwrap_or_else(|| identity.expires.as_secs());
+            let clock = self.clock.clone();
+            let left = move || {
+                let now_ms = clock.now_ms();
+                let expires_ms = expires_secs.saturating_mul(1000);
+                (expires_ms > now_ms).then(|| Duration::from_millis(expires_ms - now_ms))
+            };
+            let now = Instant::now();
+            controls.expires_at = Some(left().map_or(now, |left| now + left));
+            controls.check_expired = Some(Arc::new(left));
+        }
+        controls
     }
 
     /// The served database the certificate's route and the channel both name.
@@ -522,7 +592,7 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
         &self,
         identity: &Identity,
         channel_database: &str,
-    ) -> Result<&ServedDatabase, SessionError> {
+    ) -> Result<ServedDatabase, SessionError> {
         let Some(route) = &identity.route else {
             // Purpose::ProxyToAgent requires a route; refuse rather than assume.
             return Err(SessionError::WrongDatabase {
@@ -537,10 +607,12 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             });
         }
         let served = self
-            .config
             .databases
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .find(|d| d.database.name == channel_database)
+            .cloned()
             .ok_or_else(|| SessionError::NotServed {
                 database: channel_database.to_owned(),
             })?;
@@ -615,6 +687,13 @@ fn relay_end_text(end: &RelayEnd) -> String {
         RelayEnd::ServerError(e) => format!("the database broke the protocol: {e}"),
         RelayEnd::AuditClosed => "the audit log stopped accepting events".to_owned(),
         RelayEnd::Io(e) => format!("connection failed: {e}"),
+        RelayEnd::IdleTimeout(timeout) => format!(
+            "idle for {} s (role option client_idle_timeout)",
+            timeout.as_secs()
+        ),
+        RelayEnd::CertExpired => {
+            "the user's certificate expired (role option disconnect_expired_cert)".to_owned()
+        }
     }
 }
 
@@ -769,6 +848,7 @@ fn traits(identity: &Identity) -> Traits {
     let mut traits = Traits::default();
     for (name, values) in &identity.traits {
         match name.as_str() {
+            SESSION_EXPIRES_TRAIT => {}
             "db_users" => traits.db_users = values.clone(),
             "db_names" => traits.db_names = values.clone(),
             _ => {

@@ -1,0 +1,580 @@
+//! The durable audit spool: every event a session produces is written to disk before it
+//! is shipped to the auth service, and deleted only once the auth service acknowledged
+//! it. Nothing is lost to an agent crash or an auth outage; nothing is stored twice,
+//! because event ids are idempotency keys on the auth side (a resent batch is skipped).
+//!
+//! ```text
+//! sessions ─► mpsc ─► writer: append records, fsync once per batch ─► segment files
+//!                                                   shipper: read a batch ─► auth
+//!                               delete a segment once every record in it is acknowledged
+//! ```
+//!
+//! Files live under `<storage root>/audit-spool/`, one segment file each
+//! (`<20-digit sequence>.spool`). A record is `len: u32 LE | crc32(payload): u32 LE |
+//! payload` where the payload is the event's JSON. On open, a record cut short or with
+//! a bad checksum ends its segment: the rest is cut off (a torn write from a crash).
+//!
+//! The spool is bounded ([`SPOOL_SIZE_MAX_DEFAULT`]): when it holds that many bytes,
+//! [`AuditGate::check`] refuses new sessions with [`SpoolFull`], so that no session runs
+//! unaudited; events of sessions already open are still written.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use postern_auth::audit::{AuditEvent, BATCH_EVENTS_MAX, EVENT_SIZE_MAX};
+use postern_auth::client::AuthClient;
+use tokio::sync::{Notify, mpsc};
+
+/// Most bytes the spool holds before new sessions are refused.
+pub const SPOOL_SIZE_MAX_DEFAULT: u64 = 256 * 1024 * 1024;
+/// A segment that grows past this is closed and a new one started.
+pub const SEGMENT_SIZE_MAX: u64 = 4 * 1024 * 1024;
+/// Most events in one batch sent to the auth service.
+pub const SHIP_BATCH_EVENTS_MAX: usize = 500;
+/// Most events written between two fsyncs.
+pub const WRITE_BATCH_EVENTS_MAX: usize = 256;
+/// Largest record payload accepted when reading back (an event, with room to spare).
+pub const RECORD_SIZE_MAX: usize = EVENT_SIZE_MAX * 2;
+/// First and longest wait before resending to an auth service that failed.
+pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(200);
+pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(10);
+
+const HEADER_LEN: usize = 8;
+const SPOOL_DIR: &str = "audit-spool";
+const SEGMENT_SUFFIX: &str = ".spool";
+
+// --- Record codec ----------------------------------------------------------------------
+
+/// CRC-32 (IEEE 802.3), bitwise: records are small and written once.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
+        }
+    }
+    !crc
+}
+
+/// Appends one framed record holding `payload` to `out`.
+pub fn encode_record(payload: &[u8], out: &mut Vec<u8>) -> Result<(), SpoolError> {
+    if payload.len() > RECORD_SIZE_MAX {
+        return Err(SpoolError::RecordTooLarge {
+            size: payload.len(),
+        });
+    }
+    let len = u32::try_from(payload.len()).map_err(|_| SpoolError::RecordTooLarge {
+        size: payload.len(),
+    })?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc32(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// What [`decode_record`] found at the start of its input.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// A whole, valid record and the bytes it took.
+    Record { payload: &'a [u8], used: usize },
+    /// The input ends inside a record (a torn write, or more bytes to come).
+    Incomplete,
+    /// The bytes are not a valid record (bad length or checksum).
+    Corrupt,
+}
+
+/// Decodes the record at the start of `bytes`.
+pub fn decode_record(bytes: &[u8]) -> Decoded<'_> {
+    let Some(header) = bytes.get(..HEADER_LEN) else {
+        return Decoded::Incomplete;
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len > RECORD_SIZE_MAX {
+        return Decoded::Corrupt;
+    }
+    let Some(payload) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Decoded::Incomplete;
+    };
+    if crc32(payload) != crc {
+        return Decoded::Corrupt;
+    }
+    Decoded::Record {
+        payload,
+        used: HEADER_LEN + len,
+    }
+}
+
+// --- Errors ------------------------------------------------------------------------------
+
+/// Why the spool could not take or give back events.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpoolError {
+    #[error(
+        "audit spool {path}: {source}; check the folder exists, is writable and has free space"
+    )]
+    Io { path: PathBuf, source: io::Error },
+    #[error("an audit record of {size} bytes is larger than the spool's limit {RECORD_SIZE_MAX}")]
+    RecordTooLarge { size: usize },
+    #[error("cannot encode an audit event: {0}")]
+    Encode(String),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The spool holds as many bytes as it may: new sessions are refused until the auth
+/// service acknowledges events again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the agent's audit spool is full ({size} of {limit} bytes): the auth service has not \
+     acknowledged audit events, and sessions do not open unaudited; check that the agent \
+     reaches the auth service"
+)]
+pub struct SpoolFull {
+    pub size: u64,
+    pub limit: u64,
+}
+
+// --- The spool ---------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Segment {
+    seq: u64,
+    path: PathBuf,
+    /// Bytes of valid records.
+    len: u64,
+    /// Bytes of records acknowledged (from the start).
+    acked: u64,
+    /// Bytes handed to the shipper but not yet acknowledged (from `acked`).
+    in_flight: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    segments: VecDeque<Segment>,
+    /// The last segment, open for appends.
+    writer: Option<File>,
+}
+
+/// Tells sessions whether the spool takes more; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AuditGate {
+    size: Arc<AtomicU64>,
+    limit: u64,
+    closed: Arc<AtomicBool>,
+}
+
+impl AuditGate {
+    /// `Ok` while the spool has room for a new session's events.
+    pub fn check(&self) -> Result<(), SpoolFull> {
+        let size = self.size.load(Ordering::Relaxed);
+        if size >= self.limit || self.closed.load(Ordering::Relaxed) {
+            return Err(SpoolFull {
+                size,
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes in the spool now (the `audit spool depth` metric).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+}
+
+/// The on-disk spool. Shared by one writer and one shipper.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+    gate: AuditGate,
+    written: Notify,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool under `storage_root`, cutting torn records off the
+    /// end of each segment, with room for `size_max` bytes.
+    pub fn open(storage_root: &Path, size_max: u64) -> Result<Self, SpoolError> {
+        let dir = storage_root.join(SPOOL_DIR);
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let mut seqs = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io_error(&dir))? {
+            let entry = entry.map_err(io_error(&dir))?;
+            let name = entry.file_name();
+            let Some(seq) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            seqs.push(seq);
+        }
+        seqs.sort_unstable();
+        let mut segments = VecDeque::new();
+        let mut total = 0;
+        for seq in seqs {
+            let path = segment_path(&dir, seq);
+            let len = valid_prefix(&path)?;
+            total += len;
+            segments.push_back(Segment {
+                seq,
+                path,
+                len,
+                acked: 0,
+                in_flight: 0,
+            });
+        }
+        let spool = Self {
+            dir,
+            inner: Mutex::new(Inner {
+                segments,
+                writer: None,
+            }),
+            gate: AuditGate {
+                size: Arc::new(AtomicU64::new(total)),
+                limit: size_max,
+                closed: Arc::new(AtomicBool::new(false)),
+            },
+            written: Notify::new(),
+        };
+        Ok(spool)
+    }
+
+    /// The gate sessions check before they open.
+    pub fn gate(&self) -> AuditGate {
+        self.gate.clone()
+    }
+
+    /// Events on disk and not yet acknowledged, in bytes.
+    pub fn size(&self) -> u64 {
+        self.gate.size()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Only plain bookkeeping happens under the lock; a poisoned lock still holds
+        // consistent offsets.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends `events` and fsyncs them: when this returns `Ok`, they survive a crash.
+    pub fn append(&self, events: &[AuditEvent]) -> Result<(), SpoolError> {
+        let mut bytes = Vec::new();
+        for event in events {
+            let payload =
+                serde_json::to_vec(event).map_err(|e| SpoolError::Encode(e.to_string()))?;
+            encode_record(&payload, &mut bytes)?;
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let mut inner = self.lock();
+        let rotate = match inner.segments.back() {
+            None => true,
+            Some(last) => inner.writer.is_none() || last.len >= SEGMENT_SIZE_MAX,
+        };
+        if rotate {
+            let seq = inner.segments.back().map_or(0, |s| s.seq + 1);
+            let path = segment_path(&self.dir, seq);
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io_error(&path))?;
+            sync_dir(&self.dir)?;
+            inner.segments.push_back(Segment {
+                seq,
+                path,
+                len: 0,
+                acked: 0,
+                in_flight: 0,
+            });
+            inner.writer = Some(file);
+        }
+        let Inner { segments, writer } = &mut *inner;
+        let (Some(last), Some(file)) = (segments.back_mut(), writer.as_mut()) else {
+            // Invariant: rotation above leaves a last segment with an open writer.
+            return Err(SpoolError::Io {
+                path: self.dir.clone(),
+                source: io::Error::other("no open segment"),
+            });
+        };
+        file.write_all(&bytes).map_err(io_error(&last.path))?;
+        file.sync_data().map_err(io_error(&last.path))?;
+        last.len += bytes.len() as u64;
+        self.gate
+            .size
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        drop(inner);
+        self.written.notify_one();
+        Ok(())
+    }
+
+    /// Up to `max` events not yet handed out, oldest first, and a ticket to acknowledge
+    /// them with. Empty when everything is shipped or in flight.
+    pub fn next_batch(&self, max: usize) -> Result<(Vec<AuditEvent>, Ticket), SpoolError> {
+        let mut inner = self.lock();
+        let Some(segment) = inner
+            .segments
+            .iter_mut()
+            .find(|s| s.acked + s.in_flight < s.len)
+        else {
+            return Ok((Vec::new(), Ticket::default()));
+        };
+        let start = segment.acked + segment.in_flight;
+        let mut file = File::open(&segment.path).map_err(io_error(&segment.path))?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(io_error(&segment.path))?;
+        let mut bytes = Vec::new();
+        file.take(segment.len - start)
+            .read_to_end(&mut bytes)
+            .map_err(io_error(&segment.path))?;
+        let mut events = Vec::new();
+        let mut at = 0;
+        while events.len() < max {
+            match decode_record(&bytes[at..]) {
+                Decoded::Record { payload, used } => {
+                    at += used;
+                    match serde_json::from_slice::<AuditEvent>(payload) {
+                        Ok(event) => events.push(event),
+                        // A record that passed its checksum but is not an event cannot be
+                        // sent; it is skipped (and acknowledged with its batch).
+                        Err(error) => {
+                            tracing::error!(%error, "audit spool: unreadable event skipped")
+                        }
+                    }
+                }
+                Decoded::Incomplete | Decoded::Corrupt => break,
+            }
+        }
+        segment.in_flight += at as u64;
+        Ok((
+            events,
+            Ticket {
+                seq: segment.seq,
+                bytes: at as u64,
+            },
+        ))
+    }
+
+    /// The batch behind `ticket` was not acknowledged: it goes out again next time.
+    pub fn nack(&self, ticket: Ticket) {
+        let mut inner = self.lock();
+        if let Some(segment) = inner.segments.iter_mut().find(|s| s.seq == ticket.seq) {
+            segment.in_flight = segment.in_flight.saturating_sub(ticket.bytes);
+        }
+    }
+
+    /// The auth service stored the batch behind `ticket`: segments whose records are all
+    /// acknowledged are deleted.
+    pub fn ack(&self, ticket: Ticket) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        if let Some(segment) = inner.segments.iter_mut().find(|s| s.seq == ticket.seq) {
+            segment.in_flight = segment.in_flight.saturating_sub(ticket.bytes);
+            segment.acked += ticket.bytes;
+        }
+        loop {
+            let is_last = inner.segments.len() == 1;
+            let Some(first) = inner.segments.front() else {
+                break;
+            };
+            if first.acked < first.len || first.len == 0 && is_last {
+                break;
+            }
+            let path = first.path.clone();
+            let len = first.len;
+            // The last segment is the one being written: close it first.
+            if is_last {
+                inner.writer = None;
+            }
+            std::fs::remove_file(&path).map_err(io_error(&path))?;
+            inner.segments.pop_front();
+            self.gate.size.fetch_sub(len, Ordering::Relaxed);
+        }
+        drop(inner);
+        sync_dir(&self.dir)
+    }
+
+    /// Waits until something is appended (or returns at once if something was since the
+    /// last wait).
+    pub async fn written(&self) {
+        self.written.notified().await;
+    }
+}
+
+/// Names a batch handed out by [`Spool::next_batch`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    seq: u64,
+    bytes: u64,
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}{SEGMENT_SUFFIX}"))
+}
+
+/// The length of the valid records at the start of the file at `path`; anything after
+/// them (a torn or corrupt record) is cut off.
+fn valid_prefix(path: &Path) -> Result<u64, SpoolError> {
+    let bytes = std::fs::read(path).map_err(io_error(path))?;
+    let mut at = 0;
+    while let Decoded::Record { used, .. } = decode_record(&bytes[at..]) {
+        at += used;
+    }
+    if at < bytes.len() {
+        tracing::warn!(
+            path = %path.display(),
+            cut = bytes.len() - at,
+            "audit spool: cutting a torn record off the end of a segment"
+        );
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_error(path))?;
+        file.set_len(at as u64).map_err(io_error(path))?;
+        file.sync_all().map_err(io_error(path))?;
+    }
+    Ok(at as u64)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+// --- Writer and shipper tasks --------------------------------------------------------------
+
+/// Where spooled events go: the auth service's `POST /v1/audit/events`.
+pub trait AuditSink: Send + Sync {
+    /// Stores `events`; `Ok` means every one is stored (now or before).
+    fn ship(
+        &self,
+        events: &[AuditEvent],
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+impl AuditSink for AuthClient {
+    async fn ship(&self, events: &[AuditEvent]) -> Result<(), String> {
+        self.emit_audit(events)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Writes what arrives on `events` to the spool, fsyncing once per batch, until every
+/// sender is gone. A write failure closes the gate (new sessions are refused) and is
+/// retried.
+pub async fn write_events(spool: Arc<Spool>, mut events: mpsc::Receiver<AuditEvent>) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH_EVENTS_MAX);
+    loop {
+        if events.recv_many(&mut batch, WRITE_BATCH_EVENTS_MAX).await == 0 {
+            return;
+        }
+        let mut delay = RETRY_DELAY_MIN;
+        loop {
+            let writer = Arc::clone(&spool);
+            let written = std::mem::take(&mut batch);
+            let result = tokio::task::spawn_blocking(move || {
+                let result = writer.append(&written);
+                (written, result)
+            })
+            .await;
+            match result {
+                Ok((_, Ok(()))) => {
+                    spool.gate.closed.store(false, Ordering::Relaxed);
+                    break;
+                }
+                Ok((written, Err(error))) => {
+                    tracing::error!(%error, "audit spool: cannot write events; new sessions are refused until it can");
+                    spool.gate.closed.store(true, Ordering::Relaxed);
+                    batch = written;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "audit spool: writer task failed");
+                    spool.gate.closed.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_DELAY_MAX);
+        }
+    }
+}
+
+/// Ships spooled events to `sink` in batches, resending until acknowledged, forever
+/// (abort the task to stop). Returns only if the spool cannot be read.
+pub async fn ship_events<S: AuditSink>(spool: Arc<Spool>, sink: S) -> Result<(), SpoolError> {
+    let mut delay = RETRY_DELAY_MIN;
+    let max = SHIP_BATCH_EVENTS_MAX.min(BATCH_EVENTS_MAX);
+    loop {
+        let (events, ticket) = {
+            let spool = Arc::clone(&spool);
+            tokio::task::spawn_blocking(move || spool.next_batch(max))
+                .await
+                .map_err(|e| SpoolError::Io {
+                    path: PathBuf::from(SPOOL_DIR),
+                    source: io::Error::other(e.to_string()),
+                })??
+        };
+        if ticket.bytes == 0 {
+            spool.written().await;
+            continue;
+        }
+        if events.is_empty() {
+            spool.ack(ticket)?;
+            continue;
+        }
+        match sink.ship(&events).await {
+            Ok(()) => {
+                spool.ack(ticket)?;
+                delay = RETRY_DELAY_MIN;
+            }
+            Err(error) => {
+                spool.nack(ticket);
+                tracing::warn!(%error, events = events.len(), "audit events not acknowledged by the auth service; resending");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_DELAY_MAX);
+            }
+        }
+    }
+}
+
+/// Waits until the spool holds nothing unacknowledged or `timeout` passes; `true` if
+/// empty (for graceful shutdown).
+pub async fn wait_empty(spool: &Spool, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while spool.size() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The CRC matches the standard check value.
+    #[test]
+    fn crc32_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+}
