@@ -1016,3 +1016,234 @@ fn check(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::Executed;
+
+    fn spec(name: &str, user: &str, db_user: &str) -> ClientSpec {
+        ClientSpec {
+            name: name.to_owned(),
+            user: user.to_owned(),
+            database: "db1".to_owned(),
+            db_user: db_user.to_owned(),
+            cert: CertKind::Valid,
+            proxy: "proxy1".to_owned(),
+            ops: vec![],
+        }
+    }
+
+    fn scenario(clients: Vec<ClientSpec>) -> Scenario {
+        Scenario {
+            seed: 0,
+            proxies: vec!["proxy1".to_owned()],
+            agents: BTreeMap::from([("agent1".to_owned(), vec!["db1".to_owned()])]),
+            databases: vec!["db1".to_owned()],
+            clients,
+            faults: vec![],
+        }
+    }
+
+    fn audited(
+        ms: u64,
+        event: &str,
+        code: &str,
+        user: &str,
+        db_user: &str,
+        query: Option<&str>,
+    ) -> Audited {
+        Audited {
+            at: Duration::from_millis(ms),
+            agent: "agent1".to_owned(),
+            id: format!("{ms}-{event}"),
+            event: event.to_owned(),
+            code: code.to_owned(),
+            user: Some(user.to_owned()),
+            db_service: Some("db1".to_owned()),
+            db_user: Some(db_user.to_owned()),
+            session_id: Some("s1".to_owned()),
+            query: query.map(str::to_owned),
+        }
+    }
+
+    fn executed(ms: u64, db_user: &str, statement: &str) -> Executed {
+        Executed {
+            at: Duration::from_millis(ms),
+            db: "db1".to_owned(),
+            db_user: db_user.to_owned(),
+            statement: statement.to_owned(),
+        }
+    }
+
+    fn live(names: &[&str]) -> ClientStats {
+        ClientStats {
+            live: names.iter().map(|n| (*n).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn failures_of(scenario: &Scenario, world: &World, stats: &ClientStats) -> Vec<String> {
+        let mut failures = Vec::new();
+        check(scenario, world, stats, Duration::ZERO, &mut failures);
+        failures
+    }
+
+    const SQL: &str = "select 'client1 db1 1'";
+
+    // A clean record passes: allowed start, the statement, its audit event.
+    #[test]
+    fn a_consistent_record_passes() {
+        let world = World::default();
+        world.audited(audited(
+            1,
+            "db.session.start",
+            "TDB00I",
+            "alice",
+            "alice",
+            None,
+        ));
+        world.executed(executed(2, "alice", SQL));
+        world.audited(audited(
+            3,
+            "db.session.query",
+            "TDB02I",
+            "alice",
+            "alice",
+            Some(SQL),
+        ));
+        let s = scenario(vec![spec("client1", "alice", "alice")]);
+        assert_eq!(
+            failures_of(&s, &world, &live(&["client1"])),
+            Vec::<String>::new()
+        );
+    }
+
+    // A statement with no allow decision before it, or with none at all, fails.
+    #[test]
+    fn a_statement_without_an_allow_decision_fails() {
+        let world = World::default();
+        world.executed(executed(2, "alice", SQL));
+        world.audited(audited(
+            3,
+            "db.session.query",
+            "TDB02I",
+            "alice",
+            "alice",
+            Some(SQL),
+        ));
+        world.audited(audited(
+            4,
+            "db.session.start",
+            "TDB00I",
+            "alice",
+            "alice",
+            None,
+        ));
+        let s = scenario(vec![spec("client1", "alice", "alice")]);
+        let failures = failures_of(&s, &world, &live(&["client1"]));
+        assert!(
+            failures.iter().any(|f| f.contains("no allow decision")),
+            "{failures:?}"
+        );
+    }
+
+    // A statement that ran but was never audited fails; a duplicate event id fails.
+    #[test]
+    fn an_unaudited_statement_and_a_duplicate_event_fail() {
+        let world = World::default();
+        world.audited(audited(
+            1,
+            "db.session.start",
+            "TDB00I",
+            "alice",
+            "alice",
+            None,
+        ));
+        world.audited(audited(
+            1,
+            "db.session.start",
+            "TDB00I",
+            "alice",
+            "alice",
+            None,
+        ));
+        world.executed(executed(2, "alice", SQL));
+        let s = scenario(vec![spec("client1", "alice", "alice")]);
+        let failures = failures_of(&s, &world, &live(&["client1"]));
+        assert!(
+            failures
+                .iter()
+                .any(|f| f.contains("without an audit event")),
+            "{failures:?}"
+        );
+        assert!(
+            failures.iter().any(|f| f.contains("stored twice")),
+            "{failures:?}"
+        );
+    }
+
+    // Allowing a db user no role allows, a session during a revocation, an expired
+    // certificate's session, a wrong database, and a client that never came back: each
+    // is reported.
+    #[test]
+    fn forbidden_sessions_and_lost_liveness_fail() {
+        let world = World::default();
+        world.audited(audited(
+            1,
+            "db.session.start",
+            "TDB00I",
+            "bob",
+            "postgres",
+            None,
+        ));
+        world.audited(audited(
+            9_000,
+            "db.session.start",
+            "TDB00I",
+            "alice",
+            "alice",
+            None,
+        ));
+        world.executed(executed(9_001, "alice", "select 'client1 db2 1'"));
+        let mut s = scenario(vec![
+            spec("client1", "alice", "alice"),
+            spec("client2", "bob", "postgres"),
+        ]);
+        s.faults.push(Fault {
+            at: Duration::from_millis(1_000),
+            lasts: Duration::from_secs(20),
+            kind: FaultKind::RevokeRole("alice".to_owned()),
+        });
+        let mut stats = live(&["client1"]);
+        stats.opened.push((
+            "client1".to_owned(),
+            Duration::from_secs(100),
+            Some(at_secs(EPOCH_SECS + 10)),
+            CertKind::ExpiresAt(Duration::from_secs(10)),
+            true,
+        ));
+        stats.opened.push((
+            "client2".to_owned(),
+            Duration::ZERO,
+            None,
+            CertKind::ForeignCa,
+            false,
+        ));
+        let failures = failures_of(&s, &world, &stats);
+        for needle in [
+            "which no role allows",
+            "was revoked",
+            "after its certificate expired",
+            "ForeignCa",
+            "db user no role allows",
+            "meant for db2",
+            "client2 could not query",
+        ] {
+            assert!(
+                failures.iter().any(|f| f.contains(needle)),
+                "{needle}: {failures:?}"
+            );
+        }
+    }
+}
