@@ -400,6 +400,12 @@ async fn errors_say_what_to_do() {
             err.contains("unknown database \"nosuch\"; databases you can use: orders"),
             "{err}"
         );
+        // A database the roles do not match is unknown to this user too.
+        let err = fails(&u.run(&["db", "login", "billing"], ""));
+        assert!(
+            err.contains("unknown database \"billing\"; databases you can use: orders"),
+            "{err}"
+        );
 
         // No access: the roles' refusal, naming what failed.
         let err = fails(&u.run(&["db", "login", "orders", "--db-user", "postgres"], ""));
@@ -414,6 +420,34 @@ async fn errors_say_what_to_do() {
         assert!(err.contains("run `postern login --proxy"), "{err}");
         let status = ok(&u.run(&["status"], ""));
         assert!(status.contains("EXPIRED"), "{status}");
+    })
+    .await;
+}
+
+// A user with a second factor: refused with the password alone, logged in with the
+// TOTP code on the second line of stdin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn totp_second_factor_from_stdin() {
+    let cluster = Arc::new(TestCluster::start().await);
+    let user = Arc::new(UserHome::new());
+    let (c, u) = (cluster.clone(), user.clone());
+    blocking(move || {
+        let ca = c.host_ca_file.display().to_string();
+        let args = [
+            "login",
+            "--proxy",
+            &c.web_addr,
+            "--user",
+            "bob",
+            "--password-stdin",
+            "--ca-file",
+            &ca,
+        ];
+        let err = fails(&u.run(&args, &format!("{PASSWORD}\n")));
+        assert!(err.contains("login failed for user \"bob\""), "{err}");
+        let code = c.bob_totp.code_at(WallClock::system().now().as_secs());
+        let out = ok(&u.run(&args, &format!("{PASSWORD}\n{code}\n")));
+        assert!(out.contains("Logged in as: bob"), "{out}");
     })
     .await;
 }

@@ -99,6 +99,8 @@ pub struct TestCluster {
     /// The cluster's host CA (what an administrator hands to users for `--ca-file`).
     pub host_ca_file: PathBuf,
     pub database: PostgresServer,
+    /// bob's TOTP generator (bob has the same password as alice).
+    pub bob_totp: postern_auth::totp::Totp,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -158,6 +160,22 @@ impl TestCluster {
         )
         .await
         .unwrap();
+        // bob has a second factor.
+        let bob_totp = auth
+            .create_user(
+                "test",
+                "bob",
+                vec!["dev".to_owned()],
+                Traits {
+                    db_users: vec!["bob".to_owned()],
+                    ..Default::default()
+                },
+                Some(PASSWORD),
+                true,
+            )
+            .await
+            .unwrap()
+            .expect("a TOTP generator was asked for");
         let api_listener = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
         let api_addr = api_listener.local_addr().unwrap();
         tasks.push(tokio::spawn({
@@ -201,6 +219,18 @@ impl TestCluster {
             labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
         };
         auth.announce_database("agent-1", &orders, Duration::from_secs(1800))
+            .await
+            .unwrap();
+
+        // A production database the "dev" role does not match: never listed.
+        let billing = Database {
+            name: "billing".to_owned(),
+            description: "invoices".to_owned(),
+            protocol: Protocol::Postgres,
+            uri: format!("localhost:{}", database.port()),
+            labels: BTreeMap::from([("env".to_owned(), "prod".to_owned())]),
+        };
+        auth.announce_database("agent-1", &billing, Duration::from_secs(1800))
             .await
             .unwrap();
 
@@ -354,6 +384,7 @@ impl TestCluster {
             postgres_addr: format!("localhost:{}", addrs.postgres.port()),
             host_ca_file,
             database,
+            bob_totp,
             tasks,
         }
     }
