@@ -1,0 +1,319 @@
+//! The durable audit spool: its record codec, crash and restart, an auth service that is
+//! down then up, and resent events that are not stored twice — against a real auth API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_agent::spool::{self, AuditSink, Decoded, Spool, crc32, decode_record, encode_record};
+use postern_auth::api;
+use postern_auth::audit::{AuditEvent, AuditLog, AuditQuery, MemoryAuditLog};
+use postern_auth::backend::MemoryBackend;
+use postern_auth::client::AuthClient;
+use postern_auth::limiter::LoginLimits;
+use postern_auth::server::{AuthConfig, AuthServer, TokenKind};
+use postern_auth::user::PasswordCost;
+use postern_pki::{CaKind, PrivateKey, TrustedCa};
+use postern_rt::{Net, Rng, WallClock};
+use proptest::prelude::*;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+fn event(n: usize) -> AuditEvent {
+    let mut rng = Rng::from_seed(n as u64);
+    AuditEvent::new(
+        ("db.session.query", "TDB02I"),
+        OffsetDateTime::from_unix_timestamp(1_800_000_000 + n as i64).unwrap(),
+        &mut rng,
+    )
+    .with_field("query", format!("select {n}"))
+}
+
+fn events(range: std::ops::Range<usize>) -> Vec<AuditEvent> {
+    range.map(event).collect()
+}
+
+/// Every event the spool hands out, acknowledged as it goes.
+fn drain(spool: &Spool) -> Vec<AuditEvent> {
+    let mut all = Vec::new();
+    loop {
+        let (batch, ticket) = spool.next_batch(7).unwrap();
+        if batch.is_empty() {
+            return all;
+        }
+        all.extend(batch);
+        spool.ack(ticket).unwrap();
+    }
+}
+
+proptest! {
+    // Any sequence of payloads round-trips through the codec, in order, and a cut
+    // anywhere inside the last record is "incomplete", never a wrong payload.
+    #[test]
+    fn codec_round_trips_and_detects_torn_tails(
+        payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..8),
+        cut in 1usize..10_000,
+    ) {
+        let mut bytes = Vec::new();
+        for p in &payloads {
+            encode_record(p, &mut bytes).unwrap();
+        }
+        let mut at = 0;
+        for p in &payloads {
+            match decode_record(&bytes[at..]) {
+                Decoded::Record { payload, used } => {
+                    prop_assert_eq!(payload, p.as_slice());
+                    at += used;
+                }
+                other => prop_assert!(false, "expected a record, got {:?}", other),
+            }
+        }
+        prop_assert_eq!(at, bytes.len());
+        let last_len = 8 + payloads.last().unwrap().len();
+        let keep = bytes.len() - 1 - (cut % last_len);
+        let start = bytes.len() - last_len;
+        prop_assert_eq!(decode_record(&bytes[start..keep]), Decoded::Incomplete);
+    }
+
+    // A flipped bit in a record's checksum or payload is detected.
+    #[test]
+    fn codec_detects_corruption(
+        payload in proptest::collection::vec(any::<u8>(), 1..300),
+        index in any::<usize>(),
+        bit in 0u8..8,
+    ) {
+        let mut bytes = Vec::new();
+        encode_record(&payload, &mut bytes).unwrap();
+        let index = 4 + index % (bytes.len() - 4);
+        bytes[index] ^= 1 << bit;
+        prop_assert_eq!(decode_record(&bytes), Decoded::Corrupt);
+    }
+}
+
+// The checksum is the standard CRC-32.
+#[test]
+fn crc_is_crc32_ieee() {
+    assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    assert_eq!(crc32(b""), 0);
+}
+
+// Events survive a restart (nothing acknowledged), a torn last record from a crash is
+// cut off, and appends after the restart are read back after the survivors.
+#[test]
+fn survives_restart_and_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.append(&events(0..5)).unwrap();
+        spool.append(&events(5..8)).unwrap();
+        // Handed out but never acknowledged: the process dies here.
+        let (batch, _ticket) = spool.next_batch(3).unwrap();
+        assert_eq!(batch.len(), 3);
+    }
+    // A crash mid-write: half a record at the end of the segment.
+    let segment = std::fs::read_dir(dir.path().join("audit-spool"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let mut torn = Vec::new();
+    encode_record(br#"{"id":"torn"}"#, &mut torn).unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let whole = bytes.len() as u64;
+    bytes.extend_from_slice(&torn[..torn.len() - 3]);
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(
+        std::fs::metadata(&segment).unwrap().len(),
+        whole,
+        "torn tail cut off"
+    );
+    assert_eq!(spool.size(), whole);
+    spool.append(&events(8..10)).unwrap();
+    let read = drain(&spool);
+    assert_eq!(read, events(0..10));
+    assert_eq!(spool.size(), 0, "acknowledged segments are deleted");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("audit-spool"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // And a reopened empty spool stays empty.
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    assert!(drain(&spool).is_empty());
+}
+
+// A batch that was not acknowledged goes out again; a full spool closes the gate until
+// events are acknowledged.
+#[test]
+fn nack_resends_and_full_spool_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 600).unwrap();
+    let gate = spool.gate();
+    assert!(gate.check().is_ok());
+    spool.append(&events(0..4)).unwrap();
+    let full = gate.check().unwrap_err();
+    assert!(full.to_string().contains("audit spool is full"), "{full}");
+    assert_eq!(full.limit, 600);
+    let (first, ticket) = spool.next_batch(2).unwrap();
+    spool.nack(ticket);
+    let (again, ticket) = spool.next_batch(2).unwrap();
+    assert_eq!(first, again);
+    spool.ack(ticket).unwrap();
+    let rest = drain(&spool);
+    assert_eq!(rest, events(2..4));
+    assert!(gate.check().is_ok());
+}
+
+/// A real auth server (memory backend and audit log) and an agent certificate for it.
+struct Auth {
+    log: MemoryAuditLog,
+    server: Arc<AuthServer<MemoryBackend, MemoryAuditLog>>,
+    host_cas: Vec<TrustedCa>,
+    agent: (CertificateDer<'static>, PrivateKey),
+}
+
+impl Auth {
+    async fn new() -> Self {
+        let clock = WallClock::system();
+        let log = MemoryAuditLog::new();
+        let server = AuthServer::new(
+            MemoryBackend::new(Arc::new(clock.clone())),
+            log.clone(),
+            clock,
+            Rng::from_seed(3),
+            AuthConfig {
+                cluster: "spool".into(),
+                password_cost: PasswordCost {
+                    memory_kib: 64,
+                    passes: 1,
+                },
+                login_limits: LoginLimits::default(),
+            },
+        )
+        .unwrap();
+        server.ensure_cas().await.unwrap();
+        let token = server
+            .create_join_token("root", TokenKind::Db, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let key = PrivateKey::generate().unwrap();
+        let joined = server
+            .join(&token, TokenKind::Db, "agent-1", vec![], &key.public_key())
+            .await
+            .unwrap();
+        let host_cas = server.ca_status(CaKind::Host).await.unwrap().trusted;
+        Self {
+            log,
+            server: Arc::new(server),
+            host_cas,
+            agent: (joined.cert.der().clone(), key),
+        }
+    }
+
+    fn client(&self, addr: &str) -> AuthClient {
+        AuthClient::new(
+            Net::Tokio,
+            addr,
+            "auth.spool",
+            &self.host_cas,
+            Some((self.agent.0.clone(), self.agent.1.to_rustls())),
+            Arc::new(WallClock::system()),
+        )
+        .unwrap()
+    }
+
+    async fn serve_on(&self, addr: &str) {
+        let listener = Net::Tokio.listen(addr).await.unwrap();
+        tokio::spawn(api::serve(
+            Arc::clone(&self.server),
+            listener,
+            vec!["auth.spool".into()],
+        ));
+    }
+
+    async fn stored(&self) -> Vec<AuditEvent> {
+        let mut query = AuditQuery::between(
+            OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap(),
+        );
+        query.event = Some("db.session.query".into());
+        self.log.search(&query).await.unwrap()
+    }
+}
+
+async fn wait_for(mut ready: impl AsyncFnMut() -> bool, what: &str) {
+    for _ in 0..200 {
+        if ready().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+// Auth is down when events are spooled: nothing is lost, they stay on disk; once auth
+// is up, the shipper delivers all of them and the spool empties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_down_then_up() {
+    let auth = Auth::new().await;
+    // A port nobody listens on yet.
+    let addr = {
+        let probe = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+    let shipper = tokio::spawn(spool::ship_events(Arc::clone(&spool), auth.client(&addr)));
+    spool.append(&events(0..20)).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        spool.size() > 0,
+        "nothing may be dropped while auth is down"
+    );
+    assert!(auth.stored().await.is_empty());
+
+    auth.serve_on(&addr).await;
+    wait_for(async || spool.size() == 0, "the spool to drain").await;
+    let mut stored = auth.stored().await;
+    stored.sort_by(|a, b| a.time.cmp(&b.time));
+    assert_eq!(stored, events(0..20));
+    shipper.abort();
+}
+
+// A crash after auth stored a batch but before the spool deleted it makes the agent
+// send the batch again after restart; auth stores each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resent_events_are_stored_once() {
+    let auth = Auth::new().await;
+    let listener = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(api::serve(
+        Arc::clone(&auth.server),
+        listener,
+        vec!["auth.spool".into()],
+    ));
+    let client = auth.client(&addr);
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.append(&events(0..10)).unwrap();
+        // Shipped and stored, but the agent dies before acknowledging to its spool.
+        let (batch, _ticket) = spool.next_batch(100).unwrap();
+        client.ship(&batch).await.unwrap();
+    }
+    assert_eq!(auth.stored().await.len(), 10);
+    let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+    spool.append(&events(10..12)).unwrap();
+    let shipper = tokio::spawn(spool::ship_events(Arc::clone(&spool), client));
+    wait_for(async || spool.size() == 0, "the spool to drain").await;
+    let stored = auth.stored().await;
+    assert_eq!(stored.len(), 12, "each event stored exactly once");
+    let mut ids: Vec<_> = stored.iter().map(|e| e.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 12);
+    shipper.abort();
+}
