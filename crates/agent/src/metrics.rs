@@ -18,7 +18,7 @@ pub type Labels = Vec<(String, String)>;
 /// Every metric the agent exports. Cheap to clone (handles share their values).
 #[derive(Clone, Debug, Default)]
 pub struct AgentMetrics {
-    /// Sessions relaying now.
+    /// Session channels being served now (handshake or relay).
     pub active_sessions: Gauge,
     /// Channels whose handshake started (TLS, identity, start-up, access, upstream).
     pub handshakes: Counter,
@@ -38,7 +38,7 @@ impl AgentMetrics {
         let registry = registry.sub_registry_with_prefix("postern_agent");
         registry.register(
             "active_sessions",
-            "Database sessions relaying now",
+            "Session channels being served now (handshake or relay)",
             self.active_sessions.clone(),
         );
         registry.register(

@@ -5,7 +5,8 @@
 //! start ─► host certificate (join token, saved material, or given material)
 //!       ─► CAs and an SSH tunnel certificate from auth ─► roles cache (polled)
 //!       ─► audit spool (writer + shipper) ─► announce every database (with labels)
-//!       ─► tunnels to every proxy ─► each channel: SessionService::serve
+//!       ─► tunnels to every proxy ─► each channel: SessionService::serve, or
+//!          cancel::serve_cancel for channels of kind Cancel
 //! shutdown ─► withdraw announcements ─► refuse new channels ─► drain sessions
 //!          ─► close tunnels ─► flush the audit spool to auth (bounded wait)
 //! ```
@@ -35,13 +36,14 @@ use postern_pki::ssh::ssh_key;
 use postern_pki::tls::ring_provider;
 use postern_pki::{CaKind, PrivateKey, TrustedCa, Validator};
 use postern_rt::Runtime;
-use postern_tunnel::{Agent, AgentConfig, IncomingChannel};
+use postern_tunnel::{Agent, AgentConfig, ChannelKind, IncomingChannel};
 use prometheus_client::registry::Registry;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::cancel::CANCEL_TIMEOUT_DEFAULT;
 use crate::metrics::{ActiveGuard, AgentMetrics, Counted};
 use crate::session::{
     CredentialSource, LookupError, RoleSource, ServedDatabase, SessionConfig, SessionService,
@@ -731,6 +733,19 @@ impl AgentService {
     ) {
         let sessions = Arc::clone(sessions);
         let metrics = self.metrics.clone();
+        if channel.kind() == ChannelKind::Cancel {
+            let net = *self.runtime.net();
+            running.spawn(async move {
+                let databases = sessions.databases();
+                if let Err(error) =
+                    crate::cancel::serve_cancel(channel, &databases, &net, CANCEL_TIMEOUT_DEFAULT)
+                        .await
+                {
+                    tracing::info!(%error, "cancel request not delivered");
+                }
+            });
+            return;
+        }
         running.spawn(async move {
             metrics.handshakes.inc();
             let mut channel = channel;
@@ -782,34 +797,44 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 /// fetch succeeds, sessions are refused with a clear error.
 #[derive(Clone, Debug, Default)]
 pub struct RoleCache {
-    inner: Arc<Mutex<Option<(String, BTreeMap<String, Role>)>>>,
+    inner: Arc<Mutex<Option<CachedRoles>>>,
+}
+
+/// Roles by name, and the version auth gave them.
+#[derive(Debug)]
+struct CachedRoles {
+    version: String,
+    roles: BTreeMap<String, Role>,
 }
 
 impl RoleCache {
     /// Replaces the cached roles if `version` differs; `true` if it did.
     pub fn update(&self, version: String, roles: Vec<Role>) -> bool {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if inner.as_ref().is_some_and(|(v, _)| *v == version) {
+        if inner
+            .as_ref()
+            .is_some_and(|cached| cached.version == version)
+        {
             return false;
         }
-        *inner = Some((
+        *inner = Some(CachedRoles {
             version,
-            roles.into_iter().map(|r| (r.name.clone(), r)).collect(),
-        ));
+            roles: roles.into_iter().map(|r| (r.name.clone(), r)).collect(),
+        });
         true
     }
 
     /// The version of the cached roles, if any were fetched.
     pub fn version(&self) -> Option<String> {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.as_ref().map(|(v, _)| v.clone())
+        inner.as_ref().map(|cached| cached.version.clone())
     }
 }
 
 impl RoleSource for RoleCache {
     async fn roles(&self, names: &[String]) -> Result<Vec<Role>, LookupError> {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some((_, roles)) = inner.as_ref() else {
+        let Some(CachedRoles { roles, .. }) = inner.as_ref() else {
             return Err(LookupError {
                 reason: "the agent has not loaded the roles from the auth service yet; \
                          check that it reaches the auth service"

@@ -278,7 +278,7 @@ async fn auth_down_then_up() {
     auth.serve_on(&addr).await;
     wait_for(async || spool.size() == 0, "the spool to drain").await;
     let mut stored = auth.stored().await;
-    stored.sort_by(|a, b| a.time.cmp(&b.time));
+    stored.sort_by_key(|a| a.time);
     assert_eq!(stored, events(0..20));
     shipper.abort();
 }
