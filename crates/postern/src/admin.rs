@@ -88,6 +88,7 @@ async fn execute<B: Backend, A: AuditLog>(
     command: Command,
 ) -> Result<(), BoxError> {
     match command {
+        Command::Start(_) => Err("`postern start` does not open the state as a command".into()),
         Command::User(_) => Err("the user's commands do not open the auth state".into()),
         Command::Admin(Admin::Users(command)) => users(server, rng, command).await,
         Command::Admin(Admin::Roles(command)) => roles(server, command).await,

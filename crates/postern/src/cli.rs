@@ -51,6 +51,8 @@ pub(crate) struct StateArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// Run the roles a config file names (auth, proxy, db) in this process.
+    Start(crate::start::StartArgs),
     /// The user's commands: login, status, logout, db, proxy.
     #[command(flatten)]
     User(crate::client_cmd::UserCommand),

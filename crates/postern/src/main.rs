@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod client_cmd;
+mod start;
 
 use std::process::ExitCode;
 
@@ -13,6 +14,9 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     if let cli::Command::User(command) = &cli.command {
         return client_cmd::main(command);
+    }
+    if let cli::Command::Start(args) = &cli.command {
+        return start::main(args);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
