@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use postern_auth::duration::parse_duration;
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use serde::de::{self, Deserializer};
 use toml::de::{DeTable, DeValue};
 
 /// Largest config file read: a config is a few kilobytes; anything far larger is a
@@ -332,7 +332,9 @@ impl<'de> Deserialize<'de> for DialAddr {
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        parse_duration(&text).map(Seconds).map_err(de::Error::custom)
+        parse_duration(&text)
+            .map(Seconds)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -491,7 +493,10 @@ fn check(config: &Config) -> Result<(), (String, String)> {
             if let Some((other, _)) = clash {
                 return Err((
                     (*field).to_owned(),
-                    format!("{} is also {other}: give each listener its own port", addr.0),
+                    format!(
+                        "{} is also {other}: give each listener its own port",
+                        addr.0
+                    ),
                 ));
             }
         }
@@ -581,7 +586,9 @@ fn check(config: &Config) -> Result<(), (String, String)> {
     {
         return Err((
             "log.level".to_owned(),
-            format!("{level:?} is not a tracing filter ({error}); write e.g. \"info\" or \"postern=debug,info\""),
+            format!(
+                "{level:?} is not a tracing filter ({error}); write e.g. \"info\" or \"postern=debug,info\""
+            ),
         ));
     }
     Ok(())
@@ -632,19 +639,25 @@ fn check_remote_auth(
     if addr.is_none() {
         return Err((
             section.to_owned(),
-            format!("no auth server: set {section}.auth_addr = \"auth.example.com:3025\", or add an [auth] section to run it here"),
+            format!(
+                "no auth server: set {section}.auth_addr = \"auth.example.com:3025\", or add an [auth] section to run it here"
+            ),
         ));
     }
     if token.as_deref().is_none_or(str::is_empty) {
         return Err((
             section.to_owned(),
-            format!("no join token: create one with `postern admin tokens add --type {kind}` and set {section}.join_token"),
+            format!(
+                "no join token: create one with `postern admin tokens add --type {kind}` and set {section}.join_token"
+            ),
         ));
     }
     if ca_file.is_none() {
         return Err((
             section.to_owned(),
-            format!("no CA to trust the auth server by: set {section}.auth_ca_file to the cluster's host CA certificate"),
+            format!(
+                "no CA to trust the auth server by: set {section}.auth_ca_file to the cluster's host CA certificate"
+            ),
         ));
     }
     Ok(())
@@ -703,7 +716,8 @@ fn search_value(
         DeValue::Array(items) => {
             for (i, item) in items.iter().enumerate() {
                 path.push(format!("[{i}]"));
-                if contains(&item.span(), span) && best.as_ref().is_none_or(|b| b.len() < path.len())
+                if contains(&item.span(), span)
+                    && best.as_ref().is_none_or(|b| b.len() < path.len())
                 {
                     *best = Some(path.clone());
                 }
@@ -754,8 +768,7 @@ fn span_of(text: &str, field: &str) -> Option<Range<usize>> {
                 item.get_ref().clone()
             }
             (DeValue::Table(table), None) => {
-                let Some((k, v)) = table.iter().find(|(k, _)| k.get_ref() == key.as_str())
-                else {
+                let Some((k, v)) = table.iter().find(|(k, _)| k.get_ref() == key.as_str()) else {
                     return found;
                 };
                 found = Some(k.span());
@@ -805,7 +818,10 @@ static_labels = { env = "dev" }
                 "[auth]\n\n[proxy]\nlisten_web = \"127.0.0.1:3080\"\n  listen_postgres = \"x\"\n",
             ),
             ("unknown top-level field", "[auth]\n[prxy]\n"),
-            ("unknown field", "[auth]\nlisten = \"127.0.0.1:1\"\nclustername = \"a\"\n"),
+            (
+                "unknown field",
+                "[auth]\nlisten = \"127.0.0.1:1\"\nclustername = \"a\"\n",
+            ),
             ("wrong type", "[auth]\npublic_names = \"localhost\"\n"),
             (
                 "db without proxies",
@@ -867,14 +883,18 @@ static_labels = { env = "dev" }
             ),
             ("bad log format", "[auth]\n[log]\nformat = \"xml\"\n"),
             ("bad log level", "[auth]\n[log]\nlevel = \"info,[\"\n"),
-            ("bad cluster name", "[auth]\ncluster_name = \"my cluster\"\n"),
-            ("bad metrics address", "[auth]\n[metrics]\nlisten = \"localhost:9090\"\n"),
+            (
+                "bad cluster name",
+                "[auth]\ncluster_name = \"my cluster\"\n",
+            ),
+            (
+                "bad metrics address",
+                "[auth]\n[metrics]\nlisten = \"localhost:9090\"\n",
+            ),
         ];
         let mut report = String::new();
         for (name, text) in cases {
-            let error = parse("postern.toml", text)
-                .expect_err(name)
-                .to_string();
+            let error = parse("postern.toml", text).expect_err(name).to_string();
             report.push_str(&format!("--- {name}\n{error}\n"));
         }
         insta::assert_snapshot!(report);
@@ -901,7 +921,10 @@ static_labels = { env = "dev" }
         assert_eq!(auth.listen.0.to_string(), "127.0.0.1:3025");
         let proxy = config.proxy.unwrap();
         assert_eq!(proxy.listen_web.0.to_string(), PROXY_LISTEN_WEB_DEFAULT);
-        assert_eq!(proxy.listen_tunnel.0.to_string(), PROXY_LISTEN_TUNNEL_DEFAULT);
+        assert_eq!(
+            proxy.listen_tunnel.0.to_string(),
+            PROXY_LISTEN_TUNNEL_DEFAULT
+        );
         assert_eq!(proxy.limits, ProxyLimits::default());
         let db = config.db.unwrap();
         assert_eq!(db.databases[0].uri.host(), "localhost");

@@ -78,7 +78,17 @@ pub(crate) async fn run(config: Config, config_path: PathBuf) -> Result<(), BoxE
     };
 
     match &config.auth {
-        None => run_roles(&config, &runtime, None::<(&Local<SqliteBackend, FileAuditLog>, ApiTask)>, metrics_listener, stop_tx, stop_rx).await,
+        None => {
+            run_roles(
+                &config,
+                &runtime,
+                None::<(&Local<SqliteBackend, FileAuditLog>, ApiTask)>,
+                metrics_listener,
+                stop_tx,
+                stop_rx,
+            )
+            .await
+        }
         Some(auth) => {
             let listener = auth_listener.ok_or("the auth listener was not bound")?;
             let clock = runtime.clock().clone();
@@ -95,9 +105,18 @@ pub(crate) async fn run(config: Config, config_path: PathBuf) -> Result<(), BoxE
                     let audit_dir = data_dir.join("audit");
                     let audit = FileAuditLog::open(&audit_dir)
                         .map_err(|error| format!("audit log {}: {error}", audit_dir.display()))?;
-                    let server = AuthServer::new(backend, audit, clock, runtime.rng().clone(), auth_config)?;
+                    let server =
+                        AuthServer::new(backend, audit, clock, runtime.rng().clone(), auth_config)?;
                     let (local, api) = Local::start(Arc::new(server), auth, listener).await?;
-                    run_roles(&config, &runtime, Some((&local, api)), metrics_listener, stop_tx, stop_rx).await
+                    run_roles(
+                        &config,
+                        &runtime,
+                        Some((&local, api)),
+                        metrics_listener,
+                        stop_tx,
+                        stop_rx,
+                    )
+                    .await
                 }
                 Some(postgres) => {
                     let backend = PostgresBackend::connect(
@@ -110,9 +129,18 @@ pub(crate) async fn run(config: Config, config_path: PathBuf) -> Result<(), BoxE
                     let audit = PostgresAuditLog::connect(&postgres.conninfo, &postgres.schema)
                         .await
                         .map_err(|error| format!("auth.postgres (audit): {error}"))?;
-                    let server = AuthServer::new(backend, audit, clock, runtime.rng().clone(), auth_config)?;
+                    let server =
+                        AuthServer::new(backend, audit, clock, runtime.rng().clone(), auth_config)?;
                     let (local, api) = Local::start(Arc::new(server), auth, listener).await?;
-                    run_roles(&config, &runtime, Some((&local, api)), metrics_listener, stop_tx, stop_rx).await
+                    run_roles(
+                        &config,
+                        &runtime,
+                        Some((&local, api)),
+                        metrics_listener,
+                        stop_tx,
+                        stop_rx,
+                    )
+                    .await
                 }
             }
         }
@@ -136,7 +164,10 @@ fn spawn_signal_handler(stop_tx: Arc<watch::Sender<bool>>) -> Result<(), BoxErro
             };
             received += 1;
             if received == 1 {
-                tracing::info!(signal = name, "shutting down: draining sessions (send it again to stop at once)");
+                tracing::info!(
+                    signal = name,
+                    "shutting down: draining sessions (send it again to stop at once)"
+                );
                 let _ = stop_tx.send(true);
             } else {
                 tracing::warn!(signal = name, "second signal: stopping now");
@@ -191,7 +222,11 @@ fn hostname() -> String {
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         .take(60)
         .collect();
-    if name.is_empty() { "local".to_owned() } else { name }
+    if name.is_empty() {
+        "local".to_owned()
+    } else {
+        name
+    }
 }
 
 /// The auth server in this process, with its API serving.
@@ -233,7 +268,11 @@ impl<B: Backend, A: AuditLog> Local<B, A> {
         let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
         names.extend(section.public_names.iter().cloned());
         names.dedup();
-        let api = tokio::spawn(postern_auth::api::serve(Arc::clone(&server), listener, names));
+        let api = tokio::spawn(postern_auth::api::serve(
+            Arc::clone(&server),
+            listener,
+            names,
+        ));
         tracing::info!(listen = %local, cluster = %section.cluster_name, "auth: serving the API");
         let local = Self {
             server,
@@ -358,7 +397,11 @@ async fn run_roles<L: LocalAuth>(
     let metrics_task = metrics_listener.map(|listener| {
         let addr = listener.local_addr().ok();
         tracing::info!(listen = ?addr, "metrics: serving /metrics");
-        tokio::spawn(metrics::serve(listener, Arc::new(registry), stopped(stop_rx.clone())))
+        tokio::spawn(metrics::serve(
+            listener,
+            Arc::new(registry),
+            stopped(stop_rx.clone()),
+        ))
     });
     let roles: Vec<&str> = [
         config.auth.as_ref().map(|_| "auth"),
@@ -381,7 +424,10 @@ async fn run_roles<L: LocalAuth>(
         match proxy {
             Some(proxy) => on_error(
                 "proxy",
-                proxy.run(stopped(stop_rx.clone())).await.map_err(BoxError::from),
+                proxy
+                    .run(stopped(stop_rx.clone()))
+                    .await
+                    .map_err(BoxError::from),
             ),
             None => Ok(()),
         }
@@ -390,7 +436,10 @@ async fn run_roles<L: LocalAuth>(
         match agent {
             Some(agent) => on_error(
                 "db",
-                agent.run(stopped(stop_rx.clone())).await.map_err(BoxError::from),
+                agent
+                    .run(stopped(stop_rx.clone()))
+                    .await
+                    .map_err(BoxError::from),
             ),
             None => Ok(()),
         }
@@ -433,7 +482,10 @@ async fn build_proxy<L: LocalAuth>(
     let Some(local) = local else {
         return Err("a proxy without the auth server in the same process is not supported by this build yet: add [auth] to this config".into());
     };
-    let public = section.public_addr.clone().unwrap_or_else(|| "localhost".to_owned());
+    let public = section
+        .public_addr
+        .clone()
+        .unwrap_or_else(|| "localhost".to_owned());
     let host_id = format!("proxy-{}", hostname());
     let mut names = vec![public.clone(), "localhost".to_owned()];
     names.dedup();
@@ -467,7 +519,11 @@ async fn build_proxy<L: LocalAuth>(
         .map(|k| ssh_key::PublicKey::from_openssh(k).map_err(bad_ssh))
         .collect::<Result<Vec<_>, _>>()?;
     let of_kind = |kind: CaKind| -> Vec<TrustedCa> {
-        host.trusted.iter().filter(|ca| ca.kind() == kind).cloned().collect()
+        host.trusted
+            .iter()
+            .filter(|ca| ca.kind() == kind)
+            .cloned()
+            .collect()
     };
     let limits = &section.limits;
     let config = ProxyServiceConfig {
@@ -532,10 +588,14 @@ async fn build_agent<L: LocalAuth>(
         }
         None => {
             // Invariant of config::check: without [auth], all three are set.
-            let (Some(addr), Some(token), Some(ca_file)) =
-                (&section.auth_addr, &section.join_token, &section.auth_ca_file)
-            else {
-                return Err("db: auth_addr, join_token and auth_ca_file are needed without [auth]".into());
+            let (Some(addr), Some(token), Some(ca_file)) = (
+                &section.auth_addr,
+                &section.join_token,
+                &section.auth_ca_file,
+            ) else {
+                return Err(
+                    "db: auth_addr, join_token and auth_ca_file are needed without [auth]".into(),
+                );
             };
             let ca_pem = read_file("db.auth_ca_file", ca_file)?;
             let cas = TrustedCa::from_pem_bundle(&ca_pem)
@@ -543,7 +603,12 @@ async fn build_agent<L: LocalAuth>(
             let cluster = cas
                 .first()
                 .map(|ca| ca.cluster().to_owned())
-                .ok_or_else(|| format!("db.auth_ca_file {}: no certificate in it", ca_file.display()))?;
+                .ok_or_else(|| {
+                    format!(
+                        "db.auth_ca_file {}: no certificate in it",
+                        ca_file.display()
+                    )
+                })?;
             (
                 cluster,
                 addr.0.clone(),
