@@ -274,7 +274,11 @@ pub fn run(seed: u64) -> Outcome {
         let clock = clock_of(db);
         let files = cas
             .db
-            .sign_db_server(&[db.clone()], at_secs(EPOCH_SECS - 86_400), 365 * DAY)
+            .sign_db_server(
+                std::slice::from_ref(db),
+                at_secs(EPOCH_SECS - 86_400),
+                365 * DAY,
+            )
             .expect("a database server certificate");
         let chain =
             vec![CertificateDer::from_pem_slice(files.server_crt.as_bytes()).expect("cert PEM")];
@@ -953,10 +957,10 @@ fn check(
         if !statement_events.contains(&a.event.as_str()) {
             continue;
         }
-        if let (Some(db), Some(db_user), Some(query)) = (&a.db_service, &a.db_user, &a.query) {
-            if let Some(count) = wanted.get_mut(&(db.clone(), db_user.clone(), query.clone())) {
-                *count -= 1;
-            }
+        if let (Some(db), Some(db_user), Some(query)) = (&a.db_service, &a.db_user, &a.query)
+            && let Some(count) = wanted.get_mut(&(db.clone(), db_user.clone(), query.clone()))
+        {
+            *count -= 1;
         }
     }
     let agent_crashed = scenario

@@ -169,10 +169,14 @@ impl Scenario {
         for (i, db) in databases.iter().enumerate() {
             // Every database has at least one agent; some have more.
             let first = &names[i % names.len()];
-            agents.get_mut(first).map(|d| d.push(db.clone()));
+            if let Some(d) = agents.get_mut(first) {
+                d.push(db.clone());
+            }
             for name in &names {
                 if name != first && topology.chance(1, 3) {
-                    agents.get_mut(name).map(|d| d.push(db.clone()));
+                    if let Some(d) = agents.get_mut(name) {
+                        d.push(db.clone());
+                    }
                 }
             }
         }
