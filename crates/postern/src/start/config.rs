@@ -695,10 +695,10 @@ fn search_table(
 ) {
     for (key, value) in table {
         path.push(key.get_ref().to_string());
-        if contains(&key.span(), span) || contains(&value.span(), span) {
-            if best.as_ref().is_none_or(|b| b.len() < path.len()) {
-                *best = Some(path.clone());
-            }
+        if (contains(&key.span(), span) || contains(&value.span(), span))
+            && best.as_ref().is_none_or(|b| b.len() < path.len())
+        {
+            *best = Some(path.clone());
         }
         search_value(value.get_ref(), span, path, best);
         path.pop();

@@ -179,11 +179,9 @@ fn spawn_signal_handler(stop_tx: Arc<watch::Sender<bool>>) -> Result<(), BoxErro
 }
 
 /// Completes once shutdown has begun.
-fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        // An error means the sender is gone: nothing can stop us any more than now.
-        let _ = rx.wait_for(|stop| *stop).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // An error means the sender is gone: nothing can stop us any more than now.
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 async fn bind(
