@@ -20,7 +20,7 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# Rust toolchain, database servers and clients, sqlite3 for inspecting state.
+# Rust toolchain, database servers and clients, curl (the demo scrapes /metrics).
 ensure_packages() {
   command -v cargo >/dev/null || { log "cargo is missing: install Rust with rustup first"; return 1; }
   local missing=()
@@ -29,6 +29,7 @@ ensure_packages() {
   command -v mariadb >/dev/null || missing+=(mariadb-client)
   command -v mariadb-install-db >/dev/null || missing+=(mariadb-server)
   command -v openssl >/dev/null || missing+=(openssl)
+  command -v curl >/dev/null || missing+=(curl)
   command -v g++ >/dev/null || missing+=(g++)
   if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
