@@ -173,10 +173,11 @@ impl Scenario {
                 d.push(db.clone());
             }
             for name in &names {
-                if name != first && topology.chance(1, 3) {
-                    if let Some(d) = agents.get_mut(name) {
-                        d.push(db.clone());
-                    }
+                if name != first
+                    && topology.chance(1, 3)
+                    && let Some(d) = agents.get_mut(name)
+                {
+                    d.push(db.clone());
                 }
             }
         }
