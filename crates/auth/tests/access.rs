@@ -368,9 +368,14 @@ fn session_options_are_the_strictest() {
         Some(std::time::Duration::from_secs(3600))
     );
     assert!(options.disconnect_expired_cert);
+    // A role that sets no options imposes no limits, but sessions still end at cert
+    // expiry: `disconnect_expired_cert` is on unless a role turns it off.
     assert_eq!(
         SessionOptions::of(&roles("admin")),
-        SessionOptions::default()
+        SessionOptions {
+            disconnect_expired_cert: true,
+            ..SessionOptions::default()
+        }
     );
 }
 
