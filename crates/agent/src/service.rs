@@ -500,8 +500,16 @@ impl AgentService {
             timers.audit_spool_size_max,
         )?);
         let (audit_tx, audit_rx) = mpsc::channel::<AuditEvent>(AUDIT_QUEUE_LEN);
-        let writer = tokio::spawn(spool::write_events(Arc::clone(&spool), audit_rx));
-        let shipper = tokio::spawn(spool::ship_events(Arc::clone(&spool), started.auth.clone()));
+        let writer = tokio::spawn(spool::write_events(
+            Arc::clone(&spool),
+            audit_rx,
+            self.runtime.blocking(),
+        ));
+        let shipper = tokio::spawn(spool::ship_events(
+            Arc::clone(&spool),
+            started.auth.clone(),
+            self.runtime.blocking(),
+        ));
 
         // Roles, cached and polled.
         let roles = RoleCache::default();

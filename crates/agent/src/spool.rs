@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use postern_auth::audit::{AuditEvent, BATCH_EVENTS_MAX, EVENT_SIZE_MAX};
 use postern_auth::client::AuthClient;
+use postern_rt::Blocking;
 use tokio::sync::{Notify, mpsc};
 
 /// Most bytes the spool holds before new sessions are refused.
@@ -480,7 +481,11 @@ impl AuditSink for AuthClient {
 /// Writes what arrives on `events` to the spool, fsyncing once per batch, until every
 /// sender is gone. A write failure closes the gate (new sessions are refused) and is
 /// retried.
-pub async fn write_events(spool: Arc<Spool>, mut events: mpsc::Receiver<AuditEvent>) {
+pub async fn write_events(
+    spool: Arc<Spool>,
+    mut events: mpsc::Receiver<AuditEvent>,
+    blocking: Blocking,
+) {
     let mut batch = Vec::with_capacity(WRITE_BATCH_EVENTS_MAX);
     loop {
         if events.recv_many(&mut batch, WRITE_BATCH_EVENTS_MAX).await == 0 {
@@ -490,25 +495,21 @@ pub async fn write_events(spool: Arc<Spool>, mut events: mpsc::Receiver<AuditEve
         loop {
             let writer = Arc::clone(&spool);
             let written = std::mem::take(&mut batch);
-            let result = tokio::task::spawn_blocking(move || {
-                let result = writer.append(&written);
-                (written, result)
-            })
-            .await;
+            let result = blocking
+                .run(move || {
+                    let result = writer.append(&written);
+                    (written, result)
+                })
+                .await;
             match result {
-                Ok((_, Ok(()))) => {
+                (_, Ok(())) => {
                     spool.gate.closed.store(false, Ordering::Relaxed);
                     break;
                 }
-                Ok((written, Err(error))) => {
+                (written, Err(error)) => {
                     tracing::error!(%error, "audit spool: cannot write events; new sessions are refused until it can");
                     spool.gate.closed.store(true, Ordering::Relaxed);
                     batch = written;
-                }
-                Err(error) => {
-                    tracing::error!(%error, "audit spool: writer task failed");
-                    spool.gate.closed.store(true, Ordering::Relaxed);
-                    return;
                 }
             }
             tokio::time::sleep(delay).await;
@@ -519,18 +520,17 @@ pub async fn write_events(spool: Arc<Spool>, mut events: mpsc::Receiver<AuditEve
 
 /// Ships spooled events to `sink` in batches, resending until acknowledged, forever
 /// (abort the task to stop). Returns only if the spool cannot be read.
-pub async fn ship_events<S: AuditSink>(spool: Arc<Spool>, sink: S) -> Result<(), SpoolError> {
+pub async fn ship_events<S: AuditSink>(
+    spool: Arc<Spool>,
+    sink: S,
+    blocking: Blocking,
+) -> Result<(), SpoolError> {
     let mut delay = RETRY_DELAY_MIN;
     let max = SHIP_BATCH_EVENTS_MAX.min(BATCH_EVENTS_MAX);
     loop {
         let (events, ticket) = {
             let spool = Arc::clone(&spool);
-            tokio::task::spawn_blocking(move || spool.next_batch(max))
-                .await
-                .map_err(|e| SpoolError::Io {
-                    path: PathBuf::from(SPOOL_DIR),
-                    source: io::Error::other(e.to_string()),
-                })??
+            blocking.run(move || spool.next_batch(max)).await?
         };
         if ticket.bytes == 0 {
             spool.written().await;

@@ -13,7 +13,7 @@ use postern_auth::limiter::LoginLimits;
 use postern_auth::server::{AuthConfig, AuthServer, TokenKind};
 use postern_auth::user::PasswordCost;
 use postern_pki::{CaKind, PrivateKey, TrustedCa};
-use postern_rt::{Net, Rng, WallClock};
+use postern_rt::{Blocking, Net, Rng, WallClock};
 use proptest::prelude::*;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -266,7 +266,11 @@ async fn auth_down_then_up() {
     };
     let dir = tempfile::tempdir().unwrap();
     let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
-    let shipper = tokio::spawn(spool::ship_events(Arc::clone(&spool), auth.client(&addr)));
+    let shipper = tokio::spawn(spool::ship_events(
+        Arc::clone(&spool),
+        auth.client(&addr),
+        Blocking::Pool,
+    ));
     spool.append(&events(0..20)).unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
@@ -307,7 +311,11 @@ async fn resent_events_are_stored_once() {
     assert_eq!(auth.stored().await.len(), 10);
     let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
     spool.append(&events(10..12)).unwrap();
-    let shipper = tokio::spawn(spool::ship_events(Arc::clone(&spool), client));
+    let shipper = tokio::spawn(spool::ship_events(
+        Arc::clone(&spool),
+        client,
+        Blocking::Pool,
+    ));
     wait_for(async || spool.size() == 0, "the spool to drain").await;
     let stored = auth.stored().await;
     assert_eq!(stored.len(), 12, "each event stored exactly once");

@@ -9,6 +9,9 @@
 //!   Monotonic time is `tokio::time`, which turmoil already controls.
 //! - [`Rng`]: a seeded random number generator for jitter, agent choice and ids.
 //! - a storage root: the folder where durable files live.
+//! - [`Blocking`]: where blocking work (file I/O, password hashing) runs: tokio's
+//!   blocking pool in production, inline on the simulated host in simulation, because
+//!   an OS thread finishing at an unscheduled moment would make a seed unreplayable.
 //!
 //! No service reads `Instant::now`, `SystemTime::now`, OS randomness or `tokio::net`
 //! directly, and no service code is conditional on simulation: the choice is made once,
@@ -18,9 +21,12 @@
 //!
 //! [`TimeProvider`]: rustls::time_provider::TimeProvider
 
+mod blocking;
 mod clock;
 mod net;
 mod rng;
+
+pub use blocking::Blocking;
 
 pub use clock::WallClock;
 pub use net::{ByteStream, Connection, Listener, Net};
@@ -42,6 +48,7 @@ pub struct Runtime {
     clock: WallClock,
     rng: Rng,
     storage_root: PathBuf,
+    blocking: Blocking,
 }
 
 impl Runtime {
@@ -52,6 +59,7 @@ impl Runtime {
             clock: WallClock::system(),
             rng: Rng::from_os_entropy()?,
             storage_root: storage_root.into(),
+            blocking: Blocking::Pool,
         })
     }
 
@@ -64,18 +72,27 @@ impl Runtime {
             clock: WallClock::simulated(),
             rng: Rng::from_seed(seed),
             storage_root: storage_root.into(),
+            blocking: Blocking::Inline,
         }
     }
 
     /// A runtime assembled from parts, for tests that want, say, real sockets with a
-    /// manual clock.
+    /// manual clock. Blocking work goes to tokio's blocking pool; see
+    /// [`Runtime::with_blocking`].
     pub fn from_parts(net: Net, clock: WallClock, rng: Rng, storage_root: PathBuf) -> Self {
         Self {
             net,
             clock,
             rng,
             storage_root,
+            blocking: Blocking::Pool,
         }
+    }
+
+    /// The same runtime with blocking work run as `blocking` says.
+    pub fn with_blocking(mut self, blocking: Blocking) -> Self {
+        self.blocking = blocking;
+        self
     }
 
     pub fn net(&self) -> &Net {
@@ -92,5 +109,9 @@ impl Runtime {
 
     pub fn storage_root(&self) -> &Path {
         &self.storage_root
+    }
+
+    pub fn blocking(&self) -> Blocking {
+        self.blocking
     }
 }
