@@ -44,9 +44,67 @@ pub const LEAF_TTL_MAX: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IssuedCert {
     der: CertificateDer<'static>,
+    not_before: UnixTime,
+    not_after: UnixTime,
 }
 
 impl IssuedCert {
+    /// Reads a leaf certificate Postern issued (DER), e.g. one the auth service returned
+    /// to a joining host or one saved on disk. Checks that it is one well-formed X.509
+    /// certificate carrying a Postern role; whether it chains to a trusted CA is for the
+    /// validator (and the TLS peer) to decide.
+    pub fn from_der(der: &[u8]) -> Result<Self, Error> {
+        let load = |reason: String| Error::Load {
+            what: "certificate",
+            reason,
+        };
+        let (rest, cert) = X509Certificate::from_der(der).map_err(|e| load(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(load("trailing bytes after the certificate".into()));
+        }
+        let role = identity::RawFields::collect(&cert)?.role()?;
+        if matches!(role, CertRole::UserCa | CertRole::HostCa | CertRole::DbCa) {
+            return Err(load(format!(
+                "role is {role}, a CA, not a leaf certificate"
+            )));
+        }
+        let time = |t: x509_parser::time::ASN1Time| {
+            u64::try_from(t.timestamp())
+                .map(|secs| UnixTime::since_unix_epoch(Duration::from_secs(secs)))
+                .map_err(|_| load("validity before 1970".into()))
+        };
+        Ok(Self {
+            not_before: time(cert.validity().not_before)?,
+            not_after: time(cert.validity().not_after)?,
+            der: CertificateDer::from(der.to_vec()),
+        })
+    }
+
+    /// Reads the first certificate of a PEM text (`-----BEGIN CERTIFICATE-----`).
+    pub fn from_pem(pem: &str) -> Result<Self, Error> {
+        let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .ok_or_else(|| Error::Load {
+                what: "certificate PEM",
+                reason: "no CERTIFICATE block found".into(),
+            })?
+            .map_err(|e| Error::Load {
+                what: "certificate PEM",
+                reason: e.to_string(),
+            })?;
+        Self::from_der(&der)
+    }
+
+    /// Start of the validity period.
+    pub fn not_before(&self) -> UnixTime {
+        self.not_before
+    }
+
+    /// End of the validity period.
+    pub fn not_after(&self) -> UnixTime {
+        self.not_after
+    }
+
     /// DER bytes, as rustls and the validator take them.
     pub fn der(&self) -> &CertificateDer<'static> {
         &self.der
@@ -463,6 +521,8 @@ impl CertAuthority {
             .map_err(signing)?;
         Ok(IssuedCert {
             der: cert.der().clone(),
+            not_before,
+            not_after: leaf.not_after,
         })
     }
 }

@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use postern_pki::{
-    CaPem, CertAuthority, Error, HostRole, PrivateKey, Purpose, TrustedCa, Usage, Validator,
-    decode_identity_unverified,
+    CaPem, CertAuthority, Error, HostRole, IssuedCert, PrivateKey, Purpose, TrustedCa, Usage,
+    Validator, decode_identity_unverified,
 };
 
 // Goal: a user cert issued by the user CA verifies at `now` and yields the same identity.
@@ -290,4 +290,32 @@ fn trusted_ca_bundle_loads_every_ca_and_refuses_leaves() {
     let err = TrustedCa::from_der(leaf.der()).unwrap_err();
     assert!(matches!(err, Error::Load { .. }), "{err}");
     assert!(TrustedCa::from_pem_bundle("no pem here").is_err());
+}
+
+// Goal: a leaf certificate read back from PEM or DER (as a joined host reads the one the
+// auth service returned, or saved) equals the issued one, validity included; CA
+// certificates and garbage are refused.
+#[test]
+fn issued_cert_reads_back_from_pem_and_der() {
+    let cluster = Cluster::new("prod");
+    let key = PrivateKey::generate().unwrap();
+    let cert = cluster
+        .host_ca
+        .issue_host(&agent_host(), &key.public_key(), at(T0))
+        .unwrap();
+    let from_pem = IssuedCert::from_pem(&cert.to_pem()).unwrap();
+    assert_eq!(from_pem, cert);
+    assert_eq!(IssuedCert::from_der(cert.der()).unwrap(), cert);
+    assert_eq!(cert.not_after(), agent_host().expires);
+    assert!(
+        cert.not_before() < at(T0),
+        "backdated by NOT_BEFORE_BACKDATE"
+    );
+
+    let ca_pem = cluster.host_ca.trusted().to_pem();
+    assert!(IssuedCert::from_pem(&ca_pem).is_err(), "a CA is no leaf");
+    assert!(IssuedCert::from_pem("no certificate here").is_err());
+    let mut trailing = cert.der().to_vec();
+    trailing.push(0);
+    assert!(IssuedCert::from_der(&trailing).is_err());
 }
