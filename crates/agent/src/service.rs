@@ -76,6 +76,17 @@ pub const STARTUP_RETRY_MAX: Duration = Duration::from_secs(10);
 
 const HOST_DIR: &str = "agent-host";
 
+/// Opens the audit spool under the runtime's storage root. Events written before a
+/// crash or restart and not yet acknowledged by auth are found again and shipped.
+pub fn open_audit_spool(runtime: &Runtime, size_max: u64) -> Result<Spool, spool::SpoolError> {
+    #[cfg(feature = "planted-bugs")]
+    if postern_rt::planted::active(postern_rt::planted::Bug::AgentDropsSpoolOnRestart) {
+        // The planted bug: "start clean" (the spool's directory, `spool::SPOOL_DIR`).
+        let _ = std::fs::remove_dir_all(runtime.storage_root().join("audit-spool"));
+    }
+    Spool::open(runtime.storage_root(), size_max)
+}
+
 /// How the agent gets its host certificate.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -495,8 +506,8 @@ impl AgentService {
         let clock = Arc::new(self.runtime.clock().clone());
 
         // Audit: sessions ─► queue ─► spool on disk ─► auth.
-        let spool = Arc::new(Spool::open(
-            self.runtime.storage_root(),
+        let spool = Arc::new(open_audit_spool(
+            &self.runtime,
             timers.audit_spool_size_max,
         )?);
         let (audit_tx, audit_rx) = mpsc::channel::<AuditEvent>(AUDIT_QUEUE_LEN);

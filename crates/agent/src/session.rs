@@ -330,6 +330,9 @@ pub struct SessionService<R, C> {
     roles: R,
     credentials: C,
     audit: mpsc::Sender<AuditEvent>,
+    /// Users allowed before, for the planted bug that skips their later role checks.
+    #[cfg(feature = "planted-bugs")]
+    planted_allowed: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl<R, C> std::fmt::Debug for SessionService<R, C> {
@@ -370,6 +373,8 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             roles,
             credentials,
             audit,
+            #[cfg(feature = "planted-bugs")]
+            planted_allowed: Default::default(),
         }
     }
 
@@ -517,16 +522,16 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             .find(|(name, _)| name == b"database")
             .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
             .unwrap_or_default();
-        let access = check_access(
-            &roles,
-            &traits(identity),
-            AccessRequest {
-                database: &served.database,
-                db_user: &params.user,
-                db_name: &db_name_sent,
-            },
-        )
-        .map_err(SessionError::Denied)?;
+        let request = AccessRequest {
+            database: &served.database,
+            db_user: &params.user,
+            db_name: &db_name_sent,
+        };
+        #[cfg(feature = "planted-bugs")]
+        let access = self.planted_check_access(&roles, identity, request);
+        #[cfg(not(feature = "planted-bugs"))]
+        let access = check_access(&roles, &traits(identity), request);
+        let access = access.map_err(SessionError::Denied)?;
         common.db_name = Some(access.db_name);
         let controls = self.controls(identity, &SessionOptions::of(&roles));
         // No database session for a session that could not be audited.
@@ -557,6 +562,36 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             .await
             .map_err(SessionError::Upstream)?;
         Ok((rest, upstream, controls))
+    }
+
+    /// [`check_access`], or, with the planted bug on, a pass for a user this agent
+    /// allowed before (whatever the db user asked for now).
+    #[cfg(feature = "planted-bugs")]
+    fn planted_check_access(
+        &self,
+        roles: &[Role],
+        identity: &Identity,
+        request: AccessRequest<'_>,
+    ) -> Result<postern_auth::access::Access, Denial> {
+        use postern_rt::planted::{Bug, active};
+        let mut allowed = self
+            .planted_allowed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if active(Bug::AgentSkipsSecondRoleCheck) && allowed.contains(&identity.user) {
+            let db_name = if request.db_name.is_empty() {
+                request.db_user
+            } else {
+                request.db_name
+            };
+            return Ok(postern_auth::access::Access {
+                db_name: db_name.to_owned(),
+                allowed_by: "(allowed before)".to_owned(),
+            });
+        }
+        let access = check_access(roles, &traits(identity), request)?;
+        allowed.insert(identity.user.clone());
+        Ok(access)
     }
 
     /// The relay's limits from the roles' options: idle timeout, and the end at the

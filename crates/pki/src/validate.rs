@@ -259,7 +259,7 @@ impl Validator {
                 not_before: from_secs(not_before),
             });
         }
-        if now_secs > not_after {
+        if now_secs > not_after + planted_expiry_grace() {
             return Err(Error::Expired {
                 cert: label,
                 now,
@@ -326,6 +326,15 @@ impl Validator {
 }
 
 /// Parses one certificate, telling garbage, truncation and other malformation apart.
+/// Seconds past `notAfter` still accepted: none, unless the simulator planted the bug.
+fn planted_expiry_grace() -> i64 {
+    #[cfg(feature = "planted-bugs")]
+    if postern_rt::planted::active(postern_rt::planted::Bug::PkiExpiryGrace) {
+        return 300;
+    }
+    0
+}
+
 fn parse(cert_der: &[u8]) -> Result<X509Certificate<'_>, Error> {
     let unparsed = || format!("({} bytes)", cert_der.len());
     if cert_der.len() > CERT_LEN_MAX {

@@ -151,6 +151,11 @@ impl Attempts {
         rng.shuffle(&mut failed);
         healthy.extend(failed);
         healthy.truncate(attempts_max.max(1));
+        #[cfg(feature = "planted-bugs")]
+        if postern_rt::planted::active(postern_rt::planted::Bug::ProxyRoutesToFirstAgent) {
+            // The planted bug: the first candidate only, whatever its health.
+            healthy = candidates.iter().take(1).cloned().collect();
+        }
         Ok(Self {
             database: database.to_owned(),
             order: healthy,

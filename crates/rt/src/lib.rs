@@ -24,6 +24,8 @@
 mod blocking;
 mod clock;
 mod net;
+#[cfg(feature = "planted-bugs")]
+pub mod planted;
 mod rng;
 
 pub use blocking::Blocking;
