@@ -84,6 +84,9 @@ impl FakeDb {
     }
 
     async fn session(&self, mut conn: Connection) -> io::Result<()> {
+        let via = conn
+            .peer_addr()
+            .and_then(|addr| turmoil::reverse_lookup(addr.ip()));
         let limits = Limits::default();
         let mut buf = Vec::new();
         match read_startup(&mut conn, &mut buf, &limits).await? {
@@ -193,7 +196,7 @@ impl FakeDb {
                     if query.trim().is_empty() {
                         out.push(BackendMessage::EmptyQueryResponse);
                     } else {
-                        out.extend(self.execute(&cn, process_id, &query).await);
+                        out.extend(self.execute(&cn, via.as_deref(), process_id, &query).await);
                     }
                     out.push(BackendMessage::ready_for_query(TransactionStatus::Idle));
                 }
@@ -220,7 +223,8 @@ impl FakeDb {
                 FrontendMessage::Execute { portal, .. } if !skipping => {
                     match portals.get(&portal).cloned() {
                         Some(query) => {
-                            let replies = self.execute(&cn, process_id, &query).await;
+                            let replies =
+                                self.execute(&cn, via.as_deref(), process_id, &query).await;
                             skipping = replies
                                 .iter()
                                 .any(|m| matches!(m, BackendMessage::ErrorResponse(_)));
@@ -258,7 +262,13 @@ impl FakeDb {
     }
 
     /// Runs one statement: waits `slow_ms` (unless cancelled), records it, and answers.
-    async fn execute(&self, cn: &str, process_id: i32, query: &str) -> Vec<BackendMessage> {
+    async fn execute(
+        &self,
+        cn: &str,
+        via: Option<&str>,
+        process_id: i32,
+        query: &str,
+    ) -> Vec<BackendMessage> {
         let slow_ms = self.control.slow_ms.load(Ordering::Relaxed);
         let mut waited_ms = 0;
         while waited_ms < slow_ms {
@@ -278,6 +288,7 @@ impl FakeDb {
             db: self.host.clone(),
             db_user: cn.to_owned(),
             statement: query.to_owned(),
+            via: via.map(str::to_owned),
         });
         // Each reply names the database, so clients can check where they landed.
         let column = postern_pg::backend::FieldDescription {

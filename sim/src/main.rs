@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run -p postern-sim --release -- run --seeds 200 --jobs 2
 //! cargo run -p postern-sim --release -- replay --seed 1234
+//! cargo run -p postern-sim --release --features planted-bugs -- run --planted pki-expiry-grace
 //! ```
 
 use std::collections::BTreeMap;
@@ -39,6 +40,9 @@ enum Command {
         /// Seeds run at once, each on its own thread.
         #[arg(long, default_value_t = 1)]
         jobs: usize,
+        /// Switch on this planted bug (needs `--features planted-bugs`).
+        #[arg(long)]
+        planted: Option<String>,
     },
     /// Run one seed and print its trace, hash and failures.
     Replay {
@@ -47,6 +51,9 @@ enum Command {
         /// Print only the events whose host or text contains this.
         #[arg(long)]
         grep: Option<String>,
+        /// Switch on this planted bug (needs `--features planted-bugs`).
+        #[arg(long)]
+        planted: Option<String>,
     },
 }
 
@@ -60,15 +67,52 @@ fn commit() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-fn replay_command(seed: u64) -> String {
-    format!("cargo run -p postern-sim --release -- replay --seed {seed}")
+fn replay_command(seed: u64, planted: Option<&str>) -> String {
+    match planted {
+        None => format!("cargo run -p postern-sim --release -- replay --seed {seed}"),
+        Some(bug) => format!(
+            "cargo run -p postern-sim --release --features planted-bugs -- replay --seed {seed} --planted {bug}"
+        ),
+    }
+}
+
+/// Switches on the planted bug `name` for this thread (seeds run on the thread that
+/// starts them), or explains why it cannot.
+fn select_planted(name: Option<&str>) -> Result<(), String> {
+    #[cfg(feature = "planted-bugs")]
+    {
+        use postern_rt::planted::{Bug, select};
+        let bug = match name {
+            None => None,
+            Some(name) => Some(Bug::from_name(name).ok_or_else(|| {
+                let names: Vec<&str> = Bug::ALL.iter().map(|b| b.name()).collect();
+                format!("no planted bug {name:?}; there are: {}", names.join(", "))
+            })?),
+        };
+        select(bug);
+        Ok(())
+    }
+    #[cfg(not(feature = "planted-bugs"))]
+    match name {
+        None => Ok(()),
+        Some(_) => Err("planted bugs need a build with `--features planted-bugs`".to_owned()),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let planted = match &cli.command {
+        Command::Run { planted, .. } | Command::Replay { planted, .. } => planted.clone(),
+    };
+    if let Err(e) = select_planted(planted.as_deref()) {
+        eprintln!("postern-sim: {e}");
+        return ExitCode::FAILURE;
+    }
     match cli.command {
-        Command::Run { seeds, start, jobs } => run(start, seeds, jobs.max(1)),
-        Command::Replay { seed, grep } => replay(seed, grep.as_deref()),
+        Command::Run {
+            seeds, start, jobs, ..
+        } => run(start, seeds, jobs.max(1), planted.as_deref()),
+        Command::Replay { seed, grep, .. } => replay(seed, grep.as_deref()),
     }
 }
 
@@ -99,7 +143,7 @@ fn replay(seed: u64, grep: Option<&str>) -> ExitCode {
     }
 }
 
-fn run(start: u64, seeds: u64, jobs: usize) -> ExitCode {
+fn run(start: u64, seeds: u64, jobs: usize, planted: Option<&str>) -> ExitCode {
     // The seam's system clock: wall time for the summary only, never inside a run.
     let clock = WallClock::system();
     let began_ms = clock.now_ms();
@@ -113,6 +157,8 @@ fn run(start: u64, seeds: u64, jobs: usize) -> ExitCode {
             let (next, results, done, failed) =
                 (next.clone(), results.clone(), done.clone(), failed.clone());
             scope.spawn(move || {
+                // Checked in main already.
+                let _ = select_planted(planted);
                 loop {
                     let seed = next.fetch_add(1, Ordering::Relaxed);
                     if seed >= end {
@@ -124,7 +170,7 @@ fn run(start: u64, seeds: u64, jobs: usize) -> ExitCode {
                         eprintln!(
                             "\nseed {seed} FAILED: {}\n  reproduce with: {}",
                             outcome.failures[0],
-                            replay_command(seed)
+                            replay_command(seed, planted)
                         );
                     }
                     let n = done.fetch_add(1, Ordering::Relaxed) + 1;
@@ -178,7 +224,7 @@ fn run(start: u64, seeds: u64, jobs: usize) -> ExitCode {
         println!("  seed {}: {}", o.seed, o.failures.join("; "));
         println!(
             "    reproduce with: {}  (commit {})",
-            replay_command(o.seed),
+            replay_command(o.seed, planted),
             commit()
         );
     }

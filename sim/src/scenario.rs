@@ -13,6 +13,8 @@ use postern_rt::Rng;
 pub const SAFETY_PHASE: Duration = Duration::from_secs(30);
 /// After every fault is healed, how long clients have to succeed again.
 pub const LIVENESS_BOUND: Duration = Duration::from_secs(30);
+/// The auth service's host: it stores the audit events the agents ship.
+pub const AUTH_HOST: &str = "auth";
 /// Users that exist in every cluster; each has a role `dev-<user>` allowing its own
 /// database user only.
 pub const USERS: [&str; 3] = ["alice", "bob", "carol"];
@@ -26,7 +28,7 @@ pub enum CertKind {
     Expired,
     /// Signed by a user CA of another cluster.
     ForeignCa,
-    /// Valid at first, expires this far into the run (mid-session).
+    /// Valid at first, expires this far into the run (mid-workload).
     ExpiresAt(Duration),
 }
 
@@ -43,6 +45,9 @@ pub enum Op {
     Disconnect,
     /// Send garbage where a message should be.
     Malformed,
+    /// Open a second session, with a certificate for the `postgres` db user (which no
+    /// role allows), run a query if it opens, and close it: the agent must refuse it.
+    OtherDbUser,
     /// Think for this long.
     Sleep(Duration),
 }
@@ -90,6 +95,9 @@ pub enum FaultKind {
     /// The user's role is deleted; it comes back when the fault heals.
     RevokeRole(String),
 }
+
+/// Fault kinds a seed may enable (the swarm draws among these).
+const FAULT_KINDS: u64 = 10;
 
 impl FaultKind {
     /// The kind's name in summaries.
@@ -144,15 +152,18 @@ pub struct Scenario {
     pub clients: Vec<ClientSpec>,
     /// Sorted by start time.
     pub faults: Vec<Fault>,
+    /// A fault that is never healed: a redundant agent (every database it serves has
+    /// another agent) whose clock falls minutes behind for good, so proxies' certificates
+    /// look not yet valid to it. Liveness must hold through the other agents.
+    pub lasting: Option<Fault>,
 }
-
-const FAULT_KINDS: usize = 9;
 
 impl Scenario {
     pub fn generate(seed: u64) -> Self {
         let rng = Rng::from_seed(seed);
         // Separate streams: adding a draw to the workload does not move the faults.
         let (topology, workload, faults) = (rng.fork(), rng.fork(), rng.fork());
+        let lasting_rng = rng.fork();
         let range = |rng: &Rng, low: u64, high: u64| low + rng.below(high - low + 1);
 
         let proxies: Vec<String> = (1..=range(&topology, 1, 3))
@@ -200,27 +211,41 @@ impl Scenario {
             } else {
                 user.clone()
             };
-            let cert = match workload.below(12) {
-                0 => CertKind::Expired,
-                1 => CertKind::ForeignCa,
-                2 | 3 => CertKind::ExpiresAt(Duration::from_millis(range(
-                    &workload,
-                    2_000,
-                    SAFETY_PHASE.as_millis() as u64,
-                ))),
-                _ => CertKind::Valid,
-            };
+            let cert_draw = workload.below(12);
             let proxy = proxies[workload.below(proxies.len() as u64) as usize].clone();
-            let ops = (0..range(&workload, 5, 30))
+            let ops: Vec<Op> = (0..range(&workload, 5, 30))
                 .map(|_| match workload.below(20) {
                     0..=7 => Op::Query,
                     8..=11 => Op::Prepared,
                     12 => Op::CancelSlow,
                     13 => Op::Disconnect,
                     14 => Op::Malformed,
+                    15 => Op::OtherDbUser,
                     _ => Op::Sleep(Duration::from_millis(range(&workload, 10, 2_000))),
                 })
                 .collect();
+            let cert = match cert_draw {
+                0 => CertKind::Expired,
+                1 => CertKind::ForeignCa,
+                // Short-lived: it expires while the workload still runs (its pauses, and
+                // some 30 ms per operation), and the client keeps using it, as a user's
+                // cached certificate is.
+                2 | 3 => {
+                    let paused: u64 = ops
+                        .iter()
+                        .map(|op| match op {
+                            Op::Sleep(d) => d.as_millis() as u64,
+                            _ => 30,
+                        })
+                        .sum();
+                    CertKind::ExpiresAt(Duration::from_millis(range(
+                        &workload,
+                        200,
+                        (paused * 3 / 4).max(400),
+                    )))
+                }
+                _ => CertKind::Valid,
+            };
             clients.push(ClientSpec {
                 name: format!("client{i}"),
                 user,
@@ -233,7 +258,7 @@ impl Scenario {
         }
 
         // Swarm: which kinds this seed allows, then how many faults.
-        let enabled: Vec<usize> = (0..FAULT_KINDS).filter(|_| faults.chance(1, 2)).collect();
+        let enabled: Vec<u64> = (0..FAULT_KINDS).filter(|_| faults.chance(1, 2)).collect();
         let mut drawn = Vec::new();
         let count = if enabled.is_empty() {
             0
@@ -243,6 +268,8 @@ impl Scenario {
         let mut hosts: Vec<String> = proxies.clone();
         hosts.extend(agents.keys().cloned());
         hosts.extend(databases.iter().cloned());
+        hosts.push(AUTH_HOST.to_owned());
+        let agent_names: Vec<String> = agents.keys().cloned().collect();
         let pick = |list: &[String]| list[faults.below(list.len() as u64) as usize].clone();
         let pair = || {
             let a = pick(&hosts);
@@ -253,6 +280,7 @@ impl Scenario {
             (a, b)
         };
         for _ in 0..count {
+            let at = Duration::from_millis(faults.below(SAFETY_PHASE.as_millis() as u64 - 1_000));
             let kind = match enabled[faults.below(enabled.len() as u64) as usize] {
                 0 => {
                     let (a, b) = pair();
@@ -280,13 +308,51 @@ impl Scenario {
                     pick(&databases),
                     Duration::from_millis(range(&faults, 100, 5_000)),
                 ),
-                _ => FaultKind::RevokeRole(USERS[faults.below(3) as usize].to_owned()),
+                8 => FaultKind::RevokeRole(USERS[faults.below(3) as usize].to_owned()),
+                _ => {
+                    // An agent cut off from auth (its audit events pile up in its spool),
+                    // which then crashes and restarts while still cut off.
+                    let agent = pick(&agent_names);
+                    let lasts = Duration::from_millis(range(&faults, 4_000, 10_000));
+                    drawn.push(Fault {
+                        at: at + lasts / 3,
+                        lasts: lasts / 3,
+                        kind: FaultKind::Crash(agent.clone()),
+                    });
+                    drawn.push(Fault {
+                        at,
+                        lasts,
+                        kind: FaultKind::Partition(agent, AUTH_HOST.to_owned()),
+                    });
+                    continue;
+                }
             };
-            let at = Duration::from_millis(faults.below(SAFETY_PHASE.as_millis() as u64 - 1_000));
             let lasts = Duration::from_millis(range(&faults, 200, 10_000));
             drawn.push(Fault { at, lasts, kind });
         }
         drawn.sort_by(|a, b| a.at.cmp(&b.at).then(a.kind.cmp(&b.kind)));
+
+        // Half the seeds with a redundant agent keep one of them broken for good.
+        let redundant: Vec<&String> = agents
+            .iter()
+            .filter(|(name, dbs)| {
+                dbs.iter().all(|db| {
+                    agents
+                        .iter()
+                        .any(|(other, served)| other != *name && served.contains(db))
+                })
+            })
+            .map(|(name, _)| name)
+            .collect();
+        let lasting = (!redundant.is_empty() && lasting_rng.chance(1, 2)).then(|| {
+            let agent = redundant[lasting_rng.below(redundant.len() as u64) as usize].clone();
+            let behind_ms = range(&lasting_rng, 150_000, 300_000) as i64;
+            Fault {
+                at: Duration::from_millis(lasting_rng.below(SAFETY_PHASE.as_millis() as u64)),
+                lasts: Duration::MAX,
+                kind: FaultKind::ClockSkew(agent, -behind_ms),
+            }
+        });
         Scenario {
             seed,
             proxies,
@@ -294,6 +360,7 @@ impl Scenario {
             databases,
             clients,
             faults: drawn,
+            lasting,
         }
     }
 
@@ -328,6 +395,13 @@ impl Scenario {
                 "fault at {}ms for {}ms: {}",
                 f.at.as_millis(),
                 f.lasts.as_millis(),
+                f.kind
+            ));
+        }
+        if let Some(f) = &self.lasting {
+            lines.push(format!(
+                "lasting fault at {}ms, never healed: {}",
+                f.at.as_millis(),
                 f.kind
             ));
         }

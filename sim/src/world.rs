@@ -1,7 +1,8 @@
 //! What the simulator observes of one run: the trace, the statements the fake databases
-//! executed, the audit events the agents emitted, and the sessions each side saw. The
-//! invariants are checked against this record.
+//! executed, the audit events the agents emitted and the ones the auth host stored, and
+//! the sessions each side saw. The invariants are checked against this record.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -16,11 +17,14 @@ pub struct Executed {
     /// The identity it ran as: the CN of the client certificate the database accepted.
     pub db_user: String,
     pub statement: String,
+    /// The agent host whose connection carried it.
+    pub via: Option<String>,
 }
 
-/// An audit event an agent handed to its audit sink, reduced to what invariants need.
+/// An audit event an agent's session emitted, reduced to what invariants need.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Audited {
+    /// When the session emitted it (not when auth stored it).
     pub at: Duration,
     pub agent: String,
     /// The event's idempotency key.
@@ -54,7 +58,13 @@ pub struct ClientOutcome {
 struct Inner {
     trace: Trace,
     executed: Vec<Executed>,
+    /// Emitted by sessions, by id: the agents' side.
+    emitted: BTreeMap<String, Audited>,
+    /// Stored by the auth host, each id once, in the order stored.
     audited: Vec<Audited>,
+    stored_ids: BTreeSet<String>,
+    /// Host crashes, with their time.
+    crashes: Vec<(String, Duration)>,
     /// Invariant violations seen while the run was going.
     violations: Vec<String>,
 }
@@ -96,7 +106,8 @@ impl World {
         inner.executed.push(executed);
     }
 
-    pub fn audited(&self, audited: Audited) {
+    /// A session emitted `audited` (it goes to the agent's spool, then to auth).
+    pub fn emitted(&self, audited: Audited) {
         let what = format!(
             "audit {} {} user={} db={} db_user={} {}",
             audited.event,
@@ -108,7 +119,60 @@ impl World {
         );
         let mut inner = self.lock();
         inner.trace.record(audited.at, &audited.agent, what);
-        inner.audited.push(audited);
+        let id = audited.id.clone();
+        if inner.emitted.insert(id.clone(), audited).is_some() {
+            inner
+                .violations
+                .push(format!("audit event id {id} emitted twice"));
+        }
+    }
+
+    /// The auth host stored the events `ids`: the first time an id arrives it is stored,
+    /// later arrivals are resends (the store is idempotent by id). Returns how many were
+    /// new.
+    pub fn stored(&self, ids: &[String]) -> usize {
+        let mut inner = self.lock();
+        let mut new = 0;
+        for id in ids {
+            if !inner.stored_ids.insert(id.clone()) {
+                continue;
+            }
+            new += 1;
+            let event = inner.emitted.get(id).cloned();
+            match event {
+                Some(event) => inner.audited.push(event),
+                None => inner
+                    .violations
+                    .push(format!("auth: stored event {id}, which no session emitted")),
+            }
+        }
+        new
+    }
+
+    /// Whether auth has stored every event sessions emitted.
+    pub fn all_stored(&self) -> bool {
+        let inner = self.lock();
+        inner.stored_ids.len() == inner.emitted.len()
+    }
+
+    /// Emitted events auth has not stored.
+    pub fn unstored(&self) -> Vec<Audited> {
+        let inner = self.lock();
+        inner
+            .emitted
+            .values()
+            .filter(|a| !inner.stored_ids.contains(&a.id))
+            .cloned()
+            .collect()
+    }
+
+    /// The harness crashed `host` at `at`.
+    pub fn crashed(&self, host: &str, at: Duration) {
+        self.lock().crashes.push((host.to_owned(), at));
+    }
+
+    pub fn crashes(&self) -> Vec<(String, Duration)> {
+        self.lock().crashes.clone()
     }
 
     pub fn violation(&self, host: &str, what: impl Into<String>) {
@@ -124,6 +188,7 @@ impl World {
         self.lock().executed.clone()
     }
 
+    /// The events auth stored (each once), with the time their session emitted them.
     pub fn snapshot_audited(&self) -> Vec<Audited> {
         self.lock().audited.clone()
     }
