@@ -5,9 +5,14 @@
 //! fields (user, session id, database, time, event id) are added by the agent, which
 //! knows them; the relay only knows what crossed the wire.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
+
+use base64::Engine as _;
+
+use crate::frontend::{Format, FormatsView, ValuesView};
 
 /// Which kind of audited action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,61 +81,197 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    pub(crate) fn new(kind: EventKind) -> Self {
-        AuditEvent {
-            kind,
-            query: None,
-            statement: None,
-            portal: None,
-            function: None,
-            parameters: Parameters::default(),
-            outcome: Outcome::Unknown,
-        }
-    }
-
-    fn failed_query(&self) -> bool {
-        self.kind == EventKind::Query && matches!(self.outcome, Outcome::Failed { .. })
-    }
-
     /// The event name, e.g. `db.session.query`.
     pub fn name(&self) -> &'static str {
-        if self.failed_query() {
-            return "db.session.query.failed";
-        }
-        match self.kind {
-            EventKind::Query => "db.session.query",
-            EventKind::PostgresParse => "db.session.postgres.statements.parse",
-            EventKind::PostgresBind => "db.session.postgres.statements.bind",
-            EventKind::PostgresExecute => "db.session.postgres.statements.execute",
-            EventKind::PostgresClose => "db.session.postgres.statements.close",
-            EventKind::PostgresFunction => "db.session.postgres.function",
-            EventKind::MalformedPacket => "db.session.malformed_packet",
-        }
+        event_name(self.kind, matches!(self.outcome, Outcome::Failed { .. }))
     }
 
     /// The event code, e.g. `TDB02I`.
     pub fn code(&self) -> &'static str {
-        if self.failed_query() {
-            return "TDB02W";
-        }
-        match self.kind {
-            EventKind::Query => "TDB02I",
-            EventKind::PostgresParse => "TPG00I",
-            EventKind::PostgresBind => "TPG01I",
-            EventKind::PostgresExecute => "TPG02I",
-            EventKind::PostgresClose => "TPG03I",
-            EventKind::PostgresFunction => "TPG04I",
-            EventKind::MalformedPacket => "TDB06I",
+        event_code(self.kind, matches!(self.outcome, Outcome::Failed { .. }))
+    }
+}
+
+fn event_name(kind: EventKind, failed: bool) -> &'static str {
+    match kind {
+        EventKind::Query if failed => "db.session.query.failed",
+        EventKind::Query => "db.session.query",
+        EventKind::PostgresParse => "db.session.postgres.statements.parse",
+        EventKind::PostgresBind => "db.session.postgres.statements.bind",
+        EventKind::PostgresExecute => "db.session.postgres.statements.execute",
+        EventKind::PostgresClose => "db.session.postgres.statements.close",
+        EventKind::PostgresFunction => "db.session.postgres.function",
+        EventKind::MalformedPacket => "db.session.malformed_packet",
+    }
+}
+
+fn event_code(kind: EventKind, failed: bool) -> &'static str {
+    match kind {
+        EventKind::Query if failed => "TDB02W",
+        EventKind::Query => "TDB02I",
+        EventKind::PostgresParse => "TPG00I",
+        EventKind::PostgresBind => "TPG01I",
+        EventKind::PostgresExecute => "TPG02I",
+        EventKind::PostgresClose => "TPG03I",
+        EventKind::PostgresFunction => "TPG04I",
+        EventKind::MalformedPacket => "TDB06I",
+    }
+}
+
+/// Text for the audit log: the bytes as UTF-8, invalid sequences replaced. Borrowed when
+/// they are valid (the usual case).
+pub fn text(bytes: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
+}
+
+/// One audited action as the relay holds it: every field borrowed from the relay's own
+/// buffers, nothing allocated or converted. Text fields are raw wire bytes (the client
+/// encoding need not be UTF-8); render them with [`text`]. [`EventView::to_owned`]
+/// gives the same event as an [`AuditEvent`].
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    /// What happened.
+    pub kind: EventKind,
+    /// SQL text, when known (for Bind, Execute and Close: the prepared statement's text).
+    pub query: Option<&'a [u8]>,
+    /// Prepared statement name (Parse, Bind, Close of a statement); empty is unnamed.
+    pub statement: Option<&'a [u8]>,
+    /// Portal name (Bind, Execute, Close of a portal); empty is unnamed.
+    pub portal: Option<&'a [u8]>,
+    /// Function OID (FunctionCall).
+    pub function: Option<u32>,
+    /// Parameter or argument values, as sent.
+    pub parameters: ParametersView<'a>,
+    /// The server's answer.
+    pub outcome: OutcomeView<'a>,
+}
+
+/// [`Outcome`], borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OutcomeView<'a> {
+    /// See [`Outcome::Succeeded`].
+    Succeeded {
+        /// The CommandComplete tag, if any.
+        tag: Option<&'a [u8]>,
+    },
+    /// See [`Outcome::Suspended`].
+    Suspended,
+    /// See [`Outcome::Failed`].
+    Failed {
+        /// SQLSTATE.
+        code: &'a [u8],
+        /// The server's message.
+        message: &'a [u8],
+    },
+    /// See [`Outcome::Skipped`].
+    Skipped,
+    /// See [`Outcome::Unknown`].
+    Unknown,
+}
+
+/// Parameter or argument values of one request, as sent: each with its format.
+#[derive(Debug, Clone, Copy)]
+pub struct ParametersView<'a> {
+    formats: FormatsView<'a>,
+    values: ValuesView<'a>,
+}
+
+/// One non-NULL parameter value as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parameter<'a> {
+    /// Text or binary.
+    pub format: Format,
+    /// The value's bytes.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Parameter<'a> {
+    /// The value for the audit log: text as is (lossy UTF-8), binary as base64.
+    pub fn render(self) -> Cow<'a, str> {
+        match self.format {
+            Format::Text => text(self.bytes),
+            Format::Binary => {
+                Cow::Owned(base64::engine::general_purpose::STANDARD.encode(self.bytes))
+            }
         }
     }
+}
 
-    /// Bytes of text this event holds, for the relay's memory limits.
-    pub(crate) fn held_bytes(&self) -> usize {
-        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-        self.query.as_ref().map_or(0, |q| q.len())
-            + text(&self.statement)
-            + text(&self.portal)
-            + self.parameters.iter().map(text).sum::<usize>()
+impl<'a> ParametersView<'a> {
+    pub(crate) fn new(formats: FormatsView<'a>, values: ValuesView<'a>) -> Self {
+        ParametersView { formats, values }
+    }
+
+    /// No parameters.
+    pub fn empty() -> Self {
+        ParametersView::new(FormatsView::checked(&[]), ValuesView::checked(0, &[]))
+    }
+
+    /// How many values.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// `true` when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.values.len() == 0
+    }
+
+    /// The values in order, `None` for NULL.
+    pub fn iter(&self) -> impl Iterator<Item = Option<Parameter<'a>>> + 'a {
+        let formats = self.formats;
+        self.values.iter().enumerate().map(move |(i, value)| {
+            value.map(|bytes| Parameter {
+                format: formats.of(i),
+                bytes,
+            })
+        })
+    }
+}
+
+impl<'a> EventView<'a> {
+    fn failed(&self) -> bool {
+        matches!(self.outcome, OutcomeView::Failed { .. })
+    }
+
+    /// The event name, e.g. `db.session.query`.
+    pub fn name(&self) -> &'static str {
+        event_name(self.kind, self.failed())
+    }
+
+    /// The event code, e.g. `TDB02I`.
+    pub fn code(&self) -> &'static str {
+        event_code(self.kind, self.failed())
+    }
+
+    /// The same event, owned (text converted, parameters rendered).
+    pub fn to_owned(&self) -> AuditEvent {
+        let owned = |bytes: &[u8]| text(bytes).into_owned();
+        AuditEvent {
+            kind: self.kind,
+            query: self.query.map(|q| Arc::from(text(q).as_ref())),
+            statement: self.statement.map(owned),
+            portal: self.portal.map(owned),
+            function: self.function,
+            parameters: self
+                .parameters
+                .iter()
+                .map(|p| p.map(|p| p.render().into_owned()))
+                .collect(),
+            outcome: match self.outcome {
+                OutcomeView::Succeeded { tag } => Outcome::Succeeded {
+                    tag: tag.map(owned),
+                },
+                OutcomeView::Suspended => Outcome::Suspended,
+                OutcomeView::Failed { code, message } => Outcome::Failed {
+                    code: owned(code),
+                    message: owned(message),
+                },
+                OutcomeView::Skipped => Outcome::Skipped,
+                OutcomeView::Unknown => Outcome::Unknown,
+            },
+        }
     }
 }
 

@@ -434,6 +434,16 @@ impl<'a> TargetView<'a> {
 pub(crate) struct FormatsView<'a>(&'a [u8]);
 
 impl<'a> FormatsView<'a> {
+    /// Format codes already checked by [`FormatsView::decode`] (e.g. copied out of one).
+    pub(crate) fn checked(bytes: &'a [u8]) -> Self {
+        FormatsView(bytes)
+    }
+
+    /// The raw codes, two bytes each.
+    pub(crate) fn bytes(self) -> &'a [u8] {
+        self.0
+    }
+
     fn decode(r: &mut Reader<'a>) -> Result<Self, InvalidMessage> {
         let count = r.u16()?;
         let start = r.remaining();
@@ -477,6 +487,16 @@ pub(crate) struct ValuesView<'a> {
 }
 
 impl<'a> ValuesView<'a> {
+    /// Values already checked by [`ValuesView::decode`] (e.g. copied out of one).
+    pub(crate) fn checked(count: u16, bytes: &'a [u8]) -> Self {
+        ValuesView { count, bytes }
+    }
+
+    /// The raw length-prefixed values.
+    pub(crate) fn bytes(self) -> &'a [u8] {
+        self.bytes
+    }
+
     fn decode(r: &mut Reader<'a>) -> Result<Self, InvalidMessage> {
         let count = r.u16()?;
         let start = r.remaining();
@@ -491,6 +511,10 @@ impl<'a> ValuesView<'a> {
 
     pub(crate) fn len(self) -> usize {
         usize::from(self.count)
+    }
+
+    pub(crate) fn count(self) -> u16 {
+        self.count
     }
 
     /// The values in order; `None` is NULL.

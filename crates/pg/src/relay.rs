@@ -2,9 +2,9 @@
 //!
 //! The relay only observes. The driver reads a chunk from one side, hands it to
 //! [`Relay::handle_client_bytes`] or [`Relay::handle_server_bytes`], forwards the same chunk
-//! to the other side if that returned `Ok`, and drains [`Relay::poll_event`]. On `Err` the
-//! driver ends the session (sending the client [`Error::to_error_response`] if it can);
-//! the relay stays failed.
+//! to the other side if that returned `Ok`, and drains [`Relay::poll_event_view`] (or
+//! [`Relay::poll_event`] for owned events). On `Err` the driver ends the session (sending
+//! the client [`Error::to_error_response`] if it can); the relay stays failed.
 //!
 //! Memory is bounded whatever the result size: only messages needed for the audit are
 //! read whole (up to [`Limits::buffered_message_size_max`]); DataRow, CopyData and the
@@ -15,8 +15,15 @@
 //! [`Limits::prepared_statement_bytes_max`].
 //!
 //! Events come out when the server's answer is known, in request order, with the
-//! [`Outcome`]. [`Relay::handle_close`] flushes the requests still waiting, as
-//! [`Outcome::Unknown`], so that no request goes unaudited.
+//! [`Outcome`](crate::Outcome). [`Relay::handle_close`] flushes the requests still
+//! waiting, as `Unknown`, so that no request goes unaudited.
+//!
+//! The hot path allocates nothing once warm: an audited request copies the few bytes its
+//! event needs (names, SQL of a simple query, parameters as sent, then the command tag)
+//! into a buffer taken from a small pool, and [`Relay::poll_event_view`] lends that
+//! buffer out as an [`EventView`]; text is neither validated nor converted here (the
+//! consumer renders it). Only a Parse the server confirmed allocates: the statement's
+//! SQL, shared by every later Bind, Execute and Close event that names it.
 //!
 //! ```
 //! use postern_pg::backend::TransactionStatus;
@@ -32,9 +39,9 @@
 //! BackendMessage::ready_for_query(TransactionStatus::Idle).encode(&mut from_server)?;
 //! relay.handle_server_bytes(&from_server)?;
 //!
-//! let event = relay.poll_event().expect("the query was answered");
+//! let event = relay.poll_event_view().expect("the query was answered");
 //! assert_eq!((event.name(), event.code()), ("db.session.query", "TDB02I"));
-//! assert_eq!(event.query.as_deref(), Some("select 1"));
+//! assert_eq!(event.query, Some(&b"select 1"[..]));
 //! # Ok::<(), postern_pg::Error>(())
 //! ```
 
@@ -42,20 +49,21 @@ use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use base64::Engine as _;
-
-use crate::audit::{AuditEvent, EventKind, Outcome, Parameters};
+use crate::audit::{AuditEvent, EventKind, EventView, OutcomeView, ParametersView};
 use crate::backend::{self, BackendMessage};
 use crate::error::{Direction, Error, InvalidMessage, Limit, PeerMisbehaved};
 use crate::frame::{self, Frame, HEADER_LEN, STARTUP_HEADER_LEN};
-use crate::frontend::{
-    self, Format, FormatsView, MessageView, StartupRequest, TargetView, ValuesView,
-};
+use crate::frontend::{self, FormatsView, MessageView, StartupRequest, TargetView, ValuesView};
 use crate::limits::Limits;
 
 /// A buffer kept between messages is given back to the allocator above this size, so one
 /// large query does not pin its memory for the rest of the session.
 const BUFFER_RETAIN_MAX: usize = 64 << 10;
+
+/// Event buffers kept for reuse, and the largest capacity kept: enough for a pipelined
+/// batch of ordinary statements, small enough not to matter (at most 256 KiB).
+const SPARE_BUFFERS_MAX: usize = 64;
+const SPARE_BUFFER_CAPACITY_MAX: usize = 4 << 10;
 
 /// The length word that starts an untagged start-up packet.
 const STARTUP_LENGTH_LEN: usize = 4;
@@ -67,24 +75,27 @@ pub struct Relay {
     client: Stream,
     server: Stream,
     /// Requests sent, oldest first, waiting for the server's answer: what each waits for
-    /// and whether it has an event in `waiting`.
+    /// and whether it has a record in `waiting`.
     pending: VecDeque<(Step, bool)>,
-    /// The events of the audited ones, in the same order, with the bytes each was counted
-    /// for in `pending_bytes`: kept apart so that the requests without one (Describe,
-    /// Sync) move no event around.
-    waiting: VecDeque<(Waiting, usize)>,
+    /// The records of the audited ones, in the same order: kept apart so that the
+    /// requests without one (Describe, Sync) move no record around.
+    waiting: VecDeque<Record>,
     pending_bytes: usize,
     /// The server reported an error in an extended-protocol batch and discards every
     /// message until the client's next Sync.
     discarding_until_sync: bool,
     /// Prepared statements the server confirmed: name -> SQL.
-    statements: Named<Arc<str>>,
+    statements: Named<Arc<[u8]>>,
     /// Portals the server confirmed: name -> SQL and parameters.
     portals: Named<Portal>,
     tracked_bytes: usize,
-    /// Events ready for `poll_event`. Boxed from the request on: an event is moved
-    /// several times on its way out, and a pointer moves cheaper than ~150 bytes.
-    events: VecDeque<Box<AuditEvent>>,
+    /// Events ready for `poll_event_view`.
+    ready: VecDeque<Record>,
+    /// The event last lent out by `poll_event_view`; its buffer goes back to `spare` on
+    /// the next call.
+    lent: Option<Record>,
+    /// Event buffers to reuse (cleared).
+    spare: Vec<Vec<u8>>,
     /// Terminate or CancelRequest seen: the client may send nothing more.
     client_ended: bool,
     closed: bool,
@@ -118,11 +129,11 @@ impl<T> Named<T> {
         }
     }
 
-    fn insert(&mut self, name: Vec<u8>, value: T) {
+    fn insert(&mut self, name: &[u8], value: T) {
         if name.is_empty() {
             self.unnamed = Some(value);
         } else {
-            self.named.insert(name, value);
+            self.named.insert(name.to_vec(), value);
         }
     }
 
@@ -142,30 +153,29 @@ impl<T> Named<T> {
         self.unnamed.iter().chain(self.named.values())
     }
 
-    /// Forgets every entry; memory held for named ones is given back.
-    fn clear(&mut self) {
-        self.unnamed = None;
+    /// Forgets every entry; memory held for named ones is given back. The unnamed one is
+    /// returned, for its buffers to be reused.
+    fn clear(&mut self) -> Option<T> {
         if !self.named.is_empty() {
             self.named = HashMap::new();
         }
+        self.unnamed.take()
     }
 }
 
 #[derive(Debug)]
 struct Portal {
     /// Shared with the statement table: one copy of the SQL however many portals.
-    query: Option<Arc<str>>,
-    parameters: Parameters,
+    query: Option<Arc<[u8]>>,
+    /// The Bind's parameter format codes then its values, as sent (checked then).
+    parameters: Vec<u8>,
+    formats_len: usize,
+    value_count: u16,
 }
 
 impl Portal {
     fn held_bytes(&self) -> usize {
-        self.query.as_ref().map_or(0, |q| q.len())
-            + self
-                .parameters
-                .iter()
-                .map(|p| p.as_ref().map_or(0, String::len))
-                .sum::<usize>()
+        self.query.as_ref().map_or(0, |q| q.len()) + self.parameters.len()
     }
 }
 
@@ -190,46 +200,143 @@ enum Step {
     Sync,
 }
 
-/// An audited request waiting for the server's answer.
-#[derive(Debug)]
-struct Waiting {
-    event: Box<AuditEvent>,
-    /// The raw bytes of the statement named (Parse, Bind, Close of a statement) and of the
-    /// portal named (Bind, Execute, Close of a portal) when they are not valid UTF-8: the
-    /// event holds lossy UTF-8, and names that differ only in invalid bytes must not be
-    /// confused in the audit. Valid names (the usual case) are the event's text.
-    statement_raw: Option<Vec<u8>>,
-    portal_raw: Option<Vec<u8>>,
+/// Where a field of a [`Record`] is in its buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    end: usize,
 }
 
-/// A request going on or coming off the queue: its step and, when audited, its event.
+/// SQL of an event: copied with the request (Query, Parse) or shared with the statement
+/// table (Bind, Execute, Close).
 #[derive(Debug)]
-struct Pending {
-    step: Step,
-    waiting: Option<Waiting>,
+enum Sql {
+    None,
+    Copied(Span),
+    Shared(Arc<[u8]>),
 }
 
-impl Waiting {
-    fn new(event: Box<AuditEvent>) -> Self {
-        Waiting {
-            event,
-            statement_raw: None,
-            portal_raw: None,
+/// [`OutcomeView`] with its text in the record's buffer.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    Succeeded(Option<Span>),
+    Suspended,
+    Failed { code: Span, message: Span },
+    Skipped,
+    Unknown,
+}
+
+/// One audited request and, once known, its answer: every byte the event shows in one
+/// buffer, reused from event to event.
+#[derive(Debug)]
+struct Record {
+    kind: EventKind,
+    buf: Vec<u8>,
+    query: Sql,
+    statement: Option<Span>,
+    portal: Option<Span>,
+    function: Option<u32>,
+    /// Parameter format codes and values, as sent (checked when decoded).
+    formats: Span,
+    values: Span,
+    value_count: u16,
+    answer: Answer,
+    /// Where the answer's text starts in `buf`, once one was written: a later answer
+    /// (the next statement of a multi-statement Query) replaces it rather than adding.
+    answer_at: Option<usize>,
+}
+
+impl Record {
+    fn new(kind: EventKind, mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        Record {
+            kind,
+            buf,
+            query: Sql::None,
+            statement: None,
+            portal: None,
+            function: None,
+            formats: Span::default(),
+            values: Span::default(),
+            value_count: 0,
+            answer: Answer::Unknown,
+            answer_at: None,
         }
     }
-}
 
-/// The name a request refers to, as raw bytes: `raw` when set, else the event's text.
-fn name_bytes<'a>(raw: &'a Option<Vec<u8>>, text: &'a Option<String>) -> Option<&'a [u8]> {
-    raw.as_deref().or(text.as_deref().map(str::as_bytes))
-}
+    fn push(&mut self, bytes: &[u8]) -> Span {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(bytes);
+        Span {
+            start,
+            end: self.buf.len(),
+        }
+    }
 
-/// A name for the event (lossy UTF-8), and its raw bytes when the text does not stand for
-/// them.
-fn name_text(bytes: &[u8]) -> (String, Option<Vec<u8>>) {
-    match std::str::from_utf8(bytes) {
-        Ok(name) => (name.to_owned(), None),
-        Err(_) => (text(bytes), Some(bytes.to_vec())),
+    fn get(&self, span: Span) -> &[u8] {
+        // Spans are only ever made by `push` on this buffer, which is only cut back to
+        // `answer_at`, after every span but the answer's.
+        self.buf.get(span.start..span.end).unwrap_or_default()
+    }
+
+    fn set_parameters(&mut self, formats: FormatsView<'_>, values: ValuesView<'_>) {
+        self.formats = self.push(formats.bytes());
+        self.values = self.push(values.bytes());
+        self.value_count = values.count();
+    }
+
+    /// Records the server's answer, copying its text.
+    fn answer(&mut self, outcome: OutcomeView<'_>) {
+        match self.answer_at {
+            Some(at) => self.buf.truncate(at),
+            None => self.answer_at = Some(self.buf.len()),
+        }
+        self.answer = match outcome {
+            OutcomeView::Succeeded { tag } => Answer::Succeeded(tag.map(|t| self.push(t))),
+            OutcomeView::Suspended => Answer::Suspended,
+            OutcomeView::Failed { code, message } => Answer::Failed {
+                code: self.push(code),
+                message: self.push(message),
+            },
+            OutcomeView::Skipped => Answer::Skipped,
+            // Nothing else is made by the relay; an unknown answer is no answer.
+            _ => Answer::Unknown,
+        };
+    }
+
+    /// Bytes this record holds, for the relay's memory limits.
+    fn held_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn view(&self) -> EventView<'_> {
+        EventView {
+            kind: self.kind,
+            query: match &self.query {
+                Sql::None => None,
+                Sql::Copied(span) => Some(self.get(*span)),
+                Sql::Shared(sql) => Some(sql),
+            },
+            statement: self.statement.map(|s| self.get(s)),
+            portal: self.portal.map(|s| self.get(s)),
+            function: self.function,
+            parameters: ParametersView::new(
+                FormatsView::checked(self.get(self.formats)),
+                ValuesView::checked(self.value_count, self.get(self.values)),
+            ),
+            outcome: match self.answer {
+                Answer::Succeeded(tag) => OutcomeView::Succeeded {
+                    tag: tag.map(|t| self.get(t)),
+                },
+                Answer::Suspended => OutcomeView::Suspended,
+                Answer::Failed { code, message } => OutcomeView::Failed {
+                    code: self.get(code),
+                    message: self.get(message),
+                },
+                Answer::Skipped => OutcomeView::Skipped,
+                Answer::Unknown => OutcomeView::Unknown,
+            },
+        }
     }
 }
 
@@ -248,7 +355,9 @@ impl Relay {
             statements: Named::default(),
             portals: Named::default(),
             tracked_bytes: 0,
-            events: VecDeque::new(),
+            ready: VecDeque::new(),
+            lent: None,
+            spare: Vec::new(),
             client_ended: false,
             closed: false,
             failed: None,
@@ -270,12 +379,12 @@ impl Relay {
         self.check_usable(Direction::Frontend)?;
         let result = self.read_client(input);
         if let Err(error) = &result {
-            let mut event = AuditEvent::new(EventKind::MalformedPacket);
-            event.outcome = Outcome::Failed {
-                code: error.sql_state().as_str().to_owned(),
-                message: error.to_string(),
-            };
-            self.events.push_back(Box::new(event));
+            let mut record = self.new_record(EventKind::MalformedPacket);
+            record.answer(OutcomeView::Failed {
+                code: error.sql_state().as_str().as_bytes(),
+                message: error.to_string().as_bytes(),
+            });
+            self.ready.push_back(record);
             self.failed = Some(error.clone());
         }
         result
@@ -346,7 +455,7 @@ impl Relay {
     }
 
     /// The connection ended (either side closed it). Requests still waiting for an answer
-    /// come out with [`Outcome::Unknown`] (or what was known so far). Later input is an
+    /// come out with an unknown outcome (or what was known so far). Later input is an
     /// error.
     pub fn handle_close(&mut self) {
         if self.closed {
@@ -354,23 +463,45 @@ impl Relay {
         }
         self.closed = true;
         self.pending.clear();
-        self.events
-            .extend(self.waiting.drain(..).map(|(waiting, _)| waiting.event));
+        self.ready.extend(self.waiting.drain(..));
         self.pending_bytes = 0;
     }
 
-    /// Bytes the relay holds right now: message buffers, pending requests and tracked
-    /// statements. Bounded by the limits, whatever the size of results streaming by.
+    /// Bytes the relay holds right now: message buffers, pending requests, tracked
+    /// statements and event buffers kept for reuse. Bounded by the limits, whatever the
+    /// size of results streaming by.
     pub fn held_bytes(&self) -> usize {
         self.client.buf.capacity()
             + self.server.buf.capacity()
             + self.pending_bytes
             + self.tracked_bytes
+            + self.spare.iter().map(Vec::capacity).sum::<usize>()
     }
 
-    /// The next audit event, if any. Drain after every `handle_*` call.
+    /// The next audit event, borrowed from the relay until the next call; `None` when
+    /// there is none. Drain after every `handle_*` call.
+    pub fn poll_event_view(&mut self) -> Option<EventView<'_>> {
+        if let Some(done) = self.lent.take() {
+            self.give_back(done.buf);
+        }
+        self.lent = self.ready.pop_front();
+        self.lent.as_ref().map(Record::view)
+    }
+
+    /// The next audit event, owned (text converted, parameters rendered): what
+    /// [`Relay::poll_event_view`] lends, copied.
     pub fn poll_event(&mut self) -> Option<AuditEvent> {
-        self.events.pop_front().map(|event| *event)
+        self.poll_event_view().map(|event| event.to_owned())
+    }
+
+    fn new_record(&mut self, kind: EventKind) -> Record {
+        Record::new(kind, self.spare.pop().unwrap_or_default())
+    }
+
+    fn give_back(&mut self, buf: Vec<u8>) {
+        if buf.capacity() <= SPARE_BUFFER_CAPACITY_MAX && self.spare.len() < SPARE_BUFFERS_MAX {
+            self.spare.push(buf);
+        }
     }
 
     fn check_usable(&self, direction: Direction) -> Result<(), Error> {
@@ -403,97 +534,48 @@ impl Relay {
         // Decoded as a borrowed view: only what the audit keeps is copied out.
         let message = MessageView::decode(tag, body)
             .map_err(|kind| Error::invalid(Direction::Frontend, Some(tag), kind))?;
-        let pending = match message {
+        let (step, record) = match message {
             MessageView::Query(query) => {
-                let mut event = Box::new(AuditEvent::new(EventKind::Query));
-                event.query = Some(shared_text(query));
-                Pending {
-                    step: Step::Query,
-                    waiting: Some(Waiting::new(event)),
-                }
+                let mut record = self.new_record(EventKind::Query);
+                record.query = Sql::Copied(record.push(query));
+                (Step::Query, Some(record))
             }
             MessageView::Parse(parse) => {
-                let mut event = Box::new(AuditEvent::new(EventKind::PostgresParse));
-                let (name, raw) = name_text(parse.name);
-                event.statement = Some(name);
-                event.query = Some(shared_text(parse.query));
-                let mut waiting = Waiting::new(event);
-                waiting.statement_raw = raw;
-                Pending {
-                    step: Step::Parse,
-                    waiting: Some(waiting),
-                }
+                let mut record = self.new_record(EventKind::PostgresParse);
+                record.statement = Some(record.push(parse.name));
+                record.query = Sql::Copied(record.push(parse.query));
+                (Step::Parse, Some(record))
             }
             MessageView::Bind(bind) => {
-                let mut event = Box::new(AuditEvent::new(EventKind::PostgresBind));
-                let (statement, statement_raw) = name_text(bind.statement);
-                let (portal, portal_raw) = name_text(bind.portal);
-                event.statement = Some(statement);
-                event.portal = Some(portal);
-                event.parameters = render_values(bind.parameter_formats, bind.parameters);
-                let mut waiting = Waiting::new(event);
-                waiting.statement_raw = statement_raw;
-                waiting.portal_raw = portal_raw;
-                Pending {
-                    step: Step::Bind,
-                    waiting: Some(waiting),
-                }
+                let mut record = self.new_record(EventKind::PostgresBind);
+                record.statement = Some(record.push(bind.statement));
+                record.portal = Some(record.push(bind.portal));
+                record.set_parameters(bind.parameter_formats, bind.parameters);
+                (Step::Bind, Some(record))
             }
             MessageView::Execute { portal, .. } => {
-                let mut event = Box::new(AuditEvent::new(EventKind::PostgresExecute));
-                let (portal, raw) = name_text(portal);
-                event.portal = Some(portal);
-                let mut waiting = Waiting::new(event);
-                waiting.portal_raw = raw;
-                Pending {
-                    step: Step::Execute,
-                    waiting: Some(waiting),
-                }
+                let mut record = self.new_record(EventKind::PostgresExecute);
+                record.portal = Some(record.push(portal));
+                (Step::Execute, Some(record))
             }
             MessageView::Close(target) => {
-                let mut event = Box::new(AuditEvent::new(EventKind::PostgresClose));
+                let mut record = self.new_record(EventKind::PostgresClose);
                 match target {
-                    TargetView::Statement(name) => {
-                        let (name, raw) = name_text(name);
-                        event.statement = Some(name);
-                        let mut waiting = Waiting::new(event);
-                        waiting.statement_raw = raw;
-                        Pending {
-                            step: Step::Close,
-                            waiting: Some(waiting),
-                        }
-                    }
-                    TargetView::Portal(name) => {
-                        let (name, raw) = name_text(name);
-                        event.portal = Some(name);
-                        let mut waiting = Waiting::new(event);
-                        waiting.portal_raw = raw;
-                        Pending {
-                            step: Step::Close,
-                            waiting: Some(waiting),
-                        }
-                    }
+                    TargetView::Statement(name) => record.statement = Some(record.push(name)),
+                    TargetView::Portal(name) => record.portal = Some(record.push(name)),
                 }
+                (Step::Close, Some(record))
             }
-            MessageView::Describe(_) => Pending {
-                step: Step::Describe,
-                waiting: None,
-            },
+            MessageView::Describe(_) => (Step::Describe, None),
             MessageView::FunctionCall(call) => {
-                let mut event = Box::new(AuditEvent::new(EventKind::PostgresFunction));
-                event.function = Some(call.function);
-                event.parameters = render_values(call.argument_formats, call.arguments);
-                Pending {
-                    step: Step::Function,
-                    waiting: Some(Waiting::new(event)),
-                }
+                let mut record = self.new_record(EventKind::PostgresFunction);
+                record.function = Some(call.function);
+                record.set_parameters(call.argument_formats, call.arguments);
+                (Step::Function, Some(record))
             }
             MessageView::Sync => {
                 self.discarding_until_sync = false;
-                Pending {
-                    step: Step::Sync,
-                    waiting: None,
-                }
+                (Step::Sync, None)
             }
             MessageView::Terminate => {
                 self.client_ended = true;
@@ -505,16 +587,16 @@ impl Relay {
         };
         if self.discarding_until_sync {
             // The server reads and drops it: audit it as never run.
-            if let Some(Waiting { mut event, .. }) = pending.waiting {
-                event.outcome = Outcome::Skipped;
-                self.events.push_back(event);
+            if let Some(mut record) = record {
+                record.answer(OutcomeView::Skipped);
+                self.ready.push_back(record);
             }
             return Ok(());
         }
-        self.push_pending(pending)
+        self.push_pending(step, record)
     }
 
-    fn push_pending(&mut self, Pending { step, waiting }: Pending) -> Result<(), Error> {
+    fn push_pending(&mut self, step: Step, record: Option<Record>) -> Result<(), Error> {
         let max = self.limits.pending_requests_max;
         if self.pending.len() >= max {
             return Err(Error::limit(
@@ -523,7 +605,7 @@ impl Relay {
                 max,
             ));
         }
-        let held = waiting.as_ref().map_or(0, |w| w.event.held_bytes());
+        let held = record.as_ref().map_or(0, Record::held_bytes);
         let bytes = self.pending_bytes + held;
         if bytes > self.limits.pending_bytes_max {
             return Err(Error::limit(
@@ -533,24 +615,23 @@ impl Relay {
             ));
         }
         self.pending_bytes = bytes;
-        self.pending.push_back((step, waiting.is_some()));
-        if let Some(waiting) = waiting {
-            self.waiting.push_back((waiting, held));
+        self.pending.push_back((step, record.is_some()));
+        if let Some(record) = record {
+            self.waiting.push_back(record);
         }
         Ok(())
     }
 
-    fn pop_pending(&mut self) -> Option<Pending> {
+    /// Takes the front request off the queue: its step and, when audited, its record.
+    fn pop_pending(&mut self) -> Option<(Step, Option<Record>)> {
         let (step, audited) = self.pending.pop_front()?;
         if !audited {
-            return Some(Pending {
-                step,
-                waiting: None,
-            });
+            return Some((step, None));
         }
-        let (waiting, held) = self.waiting.pop_front().unzip();
-        self.pending_bytes = self.pending_bytes.saturating_sub(held.unwrap_or_default());
-        Some(Pending { step, waiting })
+        let record = self.waiting.pop_front();
+        let held = record.as_ref().map_or(0, Record::held_bytes);
+        self.pending_bytes = self.pending_bytes.saturating_sub(held);
+        Some((step, record))
     }
 
     fn front_step(&self) -> Option<Step> {
@@ -567,10 +648,18 @@ impl Relay {
     }
 
     fn on_server_frame(&mut self, tag: u8, body: &[u8]) -> Result<(), Error> {
-        if tag == backend::tag::COMMAND_COMPLETE {
-            // One per statement: read borrowed, only the text is kept.
-            let command_tag = backend::command_tag(body)?;
-            return self.on_command_done(Some(text(command_tag)));
+        use backend::tag::*;
+        // The answers with no body (or a one-byte status) on the common path: no decoder.
+        match (tag, body) {
+            (COMMAND_COMPLETE, _) => {
+                // One per statement: read borrowed, the tag is copied into the event.
+                let command_tag = backend::command_tag(body)?;
+                return self.on_command_done(Some(command_tag));
+            }
+            (PARSE_COMPLETE, []) => return self.complete(Step::Parse, succeeded(None)),
+            (BIND_COMPLETE, []) => return self.complete(Step::Bind, succeeded(None)),
+            (CLOSE_COMPLETE, []) => return self.complete(Step::Close, succeeded(None)),
+            _ => {}
         }
         BackendMessage::decode(Frame { tag, body })
             .and_then(|message| self.on_server_message(message))
@@ -581,17 +670,14 @@ impl Relay {
             BackendMessage::ParseComplete => self.complete(Step::Parse, succeeded(None)),
             BackendMessage::BindComplete => self.complete(Step::Bind, succeeded(None)),
             BackendMessage::CloseComplete => self.complete(Step::Close, succeeded(None)),
-            BackendMessage::PortalSuspended => self.complete(Step::Execute, Outcome::Suspended),
-            BackendMessage::CommandComplete(tag) => self.on_command_done(Some(text(&tag))),
+            BackendMessage::PortalSuspended => self.complete(Step::Execute, OutcomeView::Suspended),
+            BackendMessage::CommandComplete(tag) => self.on_command_done(Some(&tag)),
             BackendMessage::EmptyQueryResponse => self.on_command_done(None),
             BackendMessage::FunctionCallResponse(_) => self.record(Step::Function, succeeded(None)),
-            BackendMessage::ErrorResponse(fields) => {
-                let outcome = Outcome::Failed {
-                    code: text(fields.code().unwrap_or_default()),
-                    message: text(fields.message().unwrap_or_default()),
-                };
-                self.on_error(outcome)
-            }
+            BackendMessage::ErrorResponse(fields) => self.on_error(OutcomeView::Failed {
+                code: fields.code().unwrap_or_default(),
+                message: fields.message().unwrap_or_default(),
+            }),
             BackendMessage::ReadyForQuery(status) => {
                 self.on_ready(status);
                 Ok(())
@@ -601,7 +687,7 @@ impl Relay {
         }
     }
 
-    fn on_command_done(&mut self, tag: Option<String>) -> Result<(), Error> {
+    fn on_command_done(&mut self, tag: Option<&[u8]>) -> Result<(), Error> {
         match self.front_step() {
             Some(Step::Execute) => self.complete(Step::Execute, succeeded(tag)),
             _ => self.record(Step::Query, succeeded(tag)),
@@ -609,17 +695,21 @@ impl Relay {
     }
 
     /// Notes the outcome of a Query or FunctionCall, which ends at ReadyForQuery.
-    fn record(&mut self, step: Step, outcome: Outcome) -> Result<(), Error> {
+    fn record(&mut self, step: Step, outcome: OutcomeView<'_>) -> Result<(), Error> {
         match (self.pending.front(), self.waiting.front_mut()) {
-            (Some(&(front, true)), Some((waiting, _))) if front == step => {
-                waiting.event.outcome = outcome;
+            (Some(&(front, true)), Some(record)) if front == step => {
+                let before = record.held_bytes();
+                record.answer(outcome);
+                // The answer's text is held as long as the request waits.
+                self.pending_bytes =
+                    (self.pending_bytes + record.held_bytes()).saturating_sub(before);
                 Ok(())
             }
             _ => Err(unexpected_answer(step)),
         }
     }
 
-    fn on_error(&mut self, outcome: Outcome) -> Result<(), Error> {
+    fn on_error(&mut self, outcome: OutcomeView<'_>) -> Result<(), Error> {
         match self.front_step() {
             Some(Step::Query) => self.record(Step::Query, outcome),
             Some(Step::Function) => self.record(Step::Function, outcome),
@@ -632,7 +722,7 @@ impl Relay {
                     if step == Step::Sync {
                         return Ok(());
                     }
-                    self.complete(step, Outcome::Skipped)?;
+                    self.complete(step, OutcomeView::Skipped)?;
                 }
                 self.discarding_until_sync = true;
                 Ok(())
@@ -647,89 +737,95 @@ impl Relay {
         // ReadyForQuery ends a Query, a FunctionCall or a Sync batch. Anything still in
         // front of it got no answer (cannot happen with a conforming server) and comes
         // out as it is.
-        while let Some(Pending { step, waiting }) = self.pop_pending() {
+        while let Some((step, record)) = self.pop_pending() {
             let ends = matches!(step, Step::Query | Step::Function | Step::Sync);
-            if let Some(waiting) = waiting {
-                self.events.push_back(waiting.event);
+            if let Some(record) = record {
+                self.ready.push_back(record);
             }
             if ends {
                 break;
             }
         }
-        if status == backend::TransactionStatus::Idle {
+        if status == backend::TransactionStatus::Idle && self.portals.len() > 0 {
             // Portals live until the end of the transaction.
             let held: usize = self.portals.values().map(Portal::held_bytes).sum();
             self.tracked_bytes = self.tracked_bytes.saturating_sub(held);
-            self.portals.clear();
+            if let Some(unnamed) = self.portals.clear() {
+                self.give_back(unnamed.parameters);
+            }
         }
     }
 
     /// Pops the front request, which must be waiting for `step`, and emits its event.
-    fn complete(&mut self, step: Step, outcome: Outcome) -> Result<(), Error> {
+    fn complete(&mut self, step: Step, outcome: OutcomeView<'_>) -> Result<(), Error> {
         if self.front_step() != Some(step) {
             return Err(unexpected_answer(step));
         }
-        let Some(Pending { waiting, .. }) = self.pop_pending() else {
+        let Some((_, record)) = self.pop_pending() else {
             return Err(unexpected_answer(step));
         };
-        let ok = matches!(outcome, Outcome::Succeeded { .. } | Outcome::Suspended);
         // Describe has no event: nothing to record or track.
-        let Some(Waiting {
-            mut event,
-            statement_raw,
-            portal_raw,
-        }) = waiting
-        else {
+        let Some(mut record) = record else {
             return Ok(());
         };
-        event.outcome = outcome;
-        let statement = name_bytes(&statement_raw, &event.statement);
-        let portal = name_bytes(&portal_raw, &event.portal);
-        match (step, statement, portal) {
+        let ok = matches!(
+            outcome,
+            OutcomeView::Succeeded { .. } | OutcomeView::Suspended
+        );
+        match (step, record.statement, record.portal) {
             (Step::Parse, Some(name), _) if ok => {
-                let name = name.to_vec();
-                let query = event.query.clone().unwrap_or_else(|| Arc::from(""));
-                self.track_statement(name, query)?;
+                let query: Arc<[u8]> = match record.query {
+                    Sql::Copied(span) => Arc::from(record.get(span)),
+                    _ => Arc::from(&[][..]),
+                };
+                self.track_statement(record.get(name), Arc::clone(&query))?;
+                // The event shares the statement's copy; its own bytes stay unused.
+                record.query = Sql::Shared(query);
             }
             (Step::Bind, Some(statement), Some(name)) => {
-                let query = self.statements.get(statement).cloned();
+                let query = self.statements.get(record.get(statement)).cloned();
                 if ok {
-                    let portal = Portal {
-                        query: query.clone(),
-                        parameters: event.parameters.clone(),
-                    };
-                    self.track_portal(name.to_vec(), portal)?;
+                    self.track_portal(&record, name, query.clone())?;
                 }
-                event.query = query;
+                record.query = query.map_or(Sql::None, Sql::Shared);
             }
             (Step::Execute, _, Some(name)) => {
-                if let Some(portal) = self.portals.get(name) {
-                    event.query = portal.query.clone();
-                    event.parameters = portal.parameters.clone();
+                if let Some(portal) = self.portals.get(record.get(name)) {
+                    let query = portal.query.clone();
+                    let (formats, values) = portal.parameters.split_at(portal.formats_len);
+                    let count = portal.value_count;
+                    record.formats = record.push(formats);
+                    record.values = record.push(values);
+                    record.value_count = count;
+                    record.query = query.map_or(Sql::None, Sql::Shared);
                 }
             }
             (Step::Close, Some(name), _) => {
+                let name = record.get(name);
                 let query = self.statements.get(name).cloned();
                 if ok && let Some(query) = self.statements.remove(name) {
                     self.tracked_bytes = self.tracked_bytes.saturating_sub(query.len());
                 }
-                event.query = query;
+                record.query = query.map_or(Sql::None, Sql::Shared);
             }
             (Step::Close, _, Some(name)) => {
+                let name = record.get(name);
                 let query = self.portals.get(name).and_then(|p| p.query.clone());
                 if ok && let Some(portal) = self.portals.remove(name) {
                     self.tracked_bytes = self.tracked_bytes.saturating_sub(portal.held_bytes());
+                    self.give_back(portal.parameters);
                 }
-                event.query = query;
+                record.query = query.map_or(Sql::None, Sql::Shared);
             }
             _ => {}
         }
-        self.events.push_back(event);
+        record.answer(outcome);
+        self.ready.push_back(record);
         Ok(())
     }
 
-    fn track_statement(&mut self, name: Vec<u8>, query: Arc<str>) -> Result<(), Error> {
-        if let Some(old) = self.statements.remove(&name) {
+    fn track_statement(&mut self, name: &[u8], query: Arc<[u8]>) -> Result<(), Error> {
+        if let Some(old) = self.statements.remove(name) {
             self.tracked_bytes = self.tracked_bytes.saturating_sub(old.len());
         }
         self.check_tracking(query.len())?;
@@ -738,11 +834,35 @@ impl Relay {
         Ok(())
     }
 
-    fn track_portal(&mut self, name: Vec<u8>, portal: Portal) -> Result<(), Error> {
-        if let Some(old) = self.portals.remove(&name) {
-            self.tracked_bytes = self.tracked_bytes.saturating_sub(old.held_bytes());
+    /// Tracks the portal a Bind created, reusing the buffer of the portal it replaces.
+    fn track_portal(
+        &mut self,
+        bind: &Record,
+        name: Span,
+        query: Option<Arc<[u8]>>,
+    ) -> Result<(), Error> {
+        let name = bind.get(name);
+        let mut parameters = match self.portals.remove(name) {
+            Some(old) => {
+                self.tracked_bytes = self.tracked_bytes.saturating_sub(old.held_bytes());
+                old.parameters
+            }
+            None => self.spare.pop().unwrap_or_default(),
+        };
+        parameters.clear();
+        let formats = bind.get(bind.formats);
+        parameters.extend_from_slice(formats);
+        parameters.extend_from_slice(bind.get(bind.values));
+        let portal = Portal {
+            query,
+            parameters,
+            formats_len: formats.len(),
+            value_count: bind.value_count,
+        };
+        if let Err(e) = self.check_tracking(portal.held_bytes()) {
+            self.give_back(portal.parameters);
+            return Err(e);
         }
-        self.check_tracking(portal.held_bytes())?;
         self.tracked_bytes += portal.held_bytes();
         self.portals.insert(name, portal);
         Ok(())
@@ -769,8 +889,8 @@ impl Relay {
     }
 }
 
-fn succeeded(tag: Option<String>) -> Outcome {
-    Outcome::Succeeded { tag }
+fn succeeded(tag: Option<&[u8]>) -> OutcomeView<'_> {
+    OutcomeView::Succeeded { tag }
 }
 
 fn unexpected_answer(step: Step) -> Error {
@@ -790,41 +910,6 @@ fn unexpected_answer(step: Step) -> Error {
             },
         },
     }
-}
-
-/// Text for the audit log: the bytes as UTF-8, invalid sequences replaced.
-fn text(bytes: &[u8]) -> String {
-    // Checking first is much cheaper than the lossy conversion for valid text.
-    match std::str::from_utf8(bytes) {
-        Ok(text) => text.to_owned(),
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
-    }
-}
-
-/// Like [`text`], in one shared allocation (SQL goes from the statement table to every
-/// event that names it without being copied).
-fn shared_text(bytes: &[u8]) -> Arc<str> {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => Arc::from(text),
-        Err(_) => Arc::from(String::from_utf8_lossy(bytes).as_ref()),
-    }
-}
-
-/// Parameter values for the audit log: text as is, binary as base64, NULL as `None`.
-fn render_values(formats: FormatsView<'_>, values: ValuesView<'_>) -> Parameters {
-    if values.len() == 0 {
-        return Parameters::default();
-    }
-    let mut iter = values.iter();
-    // Collected from a range, whose length is known: one allocation for the list.
-    (0..values.len())
-        .map(|i| {
-            iter.next().flatten().map(|v| match formats.of(i) {
-                Format::Text => text(v),
-                Format::Binary => base64::engine::general_purpose::STANDARD.encode(v),
-            })
-        })
-        .collect()
 }
 
 /// Client messages read whole: everything but CopyData (bulk) and authentication

@@ -258,14 +258,15 @@ pub fn replay_counting(chunks: &[Chunk]) -> usize {
             Direction::Backend => relay.handle_server_bytes(&chunk.bytes),
         };
         assert!(result.is_ok());
-        while let Some(event) = relay.poll_event() {
+        // The agent's path: borrowed views, rendered by the consumer.
+        while let Some(event) = relay.poll_event_view() {
             std::hint::black_box(&event);
             events += 1;
         }
     }
     for (_, relay) in &mut relays {
         relay.handle_close();
-        while relay.poll_event().is_some() {
+        while relay.poll_event_view().is_some() {
             events += 1;
         }
     }
