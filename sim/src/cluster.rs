@@ -1182,12 +1182,39 @@ fn check(
             entry.1 += 1;
         }
     }
+    // An Execute whose statement's ParseComplete never came back (the session was cut
+    // with the batch in flight) carries no SQL text; the audit trail still says what
+    // ran, through the session's Parse before it, and that is how it is read here.
+    let mut parsed: BTreeMap<&str, Vec<(Duration, &str)>> = BTreeMap::new();
+    for a in &audited {
+        if a.event == "db.session.postgres.statements.parse"
+            && let (Some(session), Some(query)) = (&a.session_id, &a.query)
+        {
+            parsed.entry(session).or_default().push((a.at, query));
+        }
+    }
+    for list in parsed.values_mut() {
+        list.sort();
+    }
     for a in &audited {
         if !statement_events.contains(&a.event.as_str()) {
             continue;
         }
-        if let (Some(db), Some(db_user), Some(query)) = (&a.db_service, &a.db_user, &a.query)
-            && let Some((count, _)) = wanted.get_mut(&(db.clone(), db_user.clone(), query.clone()))
+        let query = a.query.clone().or_else(|| {
+            let session = a.session_id.as_deref()?;
+            let (_, text) = parsed.get(session)?.iter().rfind(|(at, _)| *at <= a.at)?;
+            world.record_at(
+                a.at,
+                "check",
+                format!(
+                    "note: {} {} has no SQL text; read from its session's Parse: {text}",
+                    a.event, a.id
+                ),
+            );
+            Some((*text).to_owned())
+        });
+        if let (Some(db), Some(db_user), Some(query)) = (&a.db_service, &a.db_user, query)
+            && let Some((count, _)) = wanted.get_mut(&(db.clone(), db_user.clone(), query))
         {
             *count -= 1;
         }
