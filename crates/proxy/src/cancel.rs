@@ -9,8 +9,12 @@
 //!
 //! Sans-IO and bounded: at most `cancel_keys_max` keys (one per running session). A key
 //! nobody owns is dropped silently, as PostgreSQL does, so a client cannot probe keys.
+//! [`CancelKeys`] is the table as the proxy's tasks share it; `tests/loom_cancel.rs`
+//! checks it under every interleaving.
 
 use std::collections::HashMap;
+
+use crate::sync::{Mutex, lock};
 
 use postern_pg::frontend::CancelRequest;
 use postern_tunnel::TunnelId;
@@ -109,6 +113,64 @@ impl CancelTable {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// The [`CancelTable`] shared by the proxy's tasks: each session registers its key for
+/// as long as it runs, and cancel requests look keys up.
+#[derive(Debug)]
+pub struct CancelKeys {
+    table: Mutex<CancelTable>,
+}
+
+impl CancelKeys {
+    /// No keys yet; at most `keys_max`.
+    pub fn new(keys_max: usize) -> Self {
+        Self {
+            table: Mutex::new(CancelTable::new(keys_max)),
+        }
+    }
+
+    /// Routes `key` to `route` until the returned registration is dropped.
+    pub fn register(
+        &self,
+        key: &CancelRequest,
+        route: CancelRoute,
+    ) -> Result<CancelRegistration<'_>, CancelTableFull> {
+        let ticket = lock(&self.table).insert(key, route)?;
+        Ok(CancelRegistration {
+            keys: self,
+            ticket: Some(ticket),
+        })
+    }
+
+    /// Where the running session that owns `key` is, if one does.
+    pub fn route(&self, key: &CancelRequest) -> Option<CancelRoute> {
+        lock(&self.table).route(key).cloned()
+    }
+
+    /// How many sessions are registered.
+    pub fn len(&self) -> usize {
+        lock(&self.table).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A session's key in [`CancelKeys`]; removed when dropped, however the session ends.
+#[derive(Debug)]
+pub struct CancelRegistration<'a> {
+    keys: &'a CancelKeys,
+    ticket: Option<CancelTicket>,
+}
+
+impl Drop for CancelRegistration<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            lock(&self.keys.table).remove(ticket);
+        }
     }
 }
 

@@ -26,8 +26,10 @@
 pub mod cancel;
 pub mod client_auth;
 pub mod dispatch;
+pub mod limits;
 pub mod postgres;
 pub mod route;
 pub mod service;
+mod sync;
 
 pub use service::{Listen, LocalAddrs, ProxyError, ProxyLimits, ProxyService, ProxyServiceConfig};

@@ -24,11 +24,10 @@
 //! listeners close at once, running sessions get up to `drain_timeout` to end on their
 //! own, and the rest are closed. Tunnels stay up while draining (sessions run over them).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -49,9 +48,10 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::task::JoinSet;
 
-use crate::cancel::{CANCEL_KEYS_MAX_DEFAULT, CancelRoute, CancelTable, CancelTicket};
+use crate::cancel::{CANCEL_KEYS_MAX_DEFAULT, CancelKeys, CancelRoute};
 use crate::client_auth::{TlsSetupError, server_config};
 use crate::dispatch::{Connected, DbAccessSigner, Dispatcher};
+use crate::limits::UserSlots;
 use crate::postgres::{ALPN_PROTOCOLS, Accepted, ClientSession, FrontDoor};
 
 /// The ALPN protocol that routes a web-port connection to the PostgreSQL path.
@@ -289,7 +289,7 @@ struct Shared<S> {
     auth_api_addr: Option<String>,
     handshake_timeout: Duration,
     users: UserSlots,
-    cancels: Mutex<CancelTable>,
+    cancels: CancelKeys,
     metrics: ProxyMetrics,
 }
 
@@ -371,7 +371,7 @@ impl<S: DbAccessSigner + 'static> ProxyService<S> {
             auth_api_addr: config.auth_api_addr,
             handshake_timeout: config.limits.handshake_timeout,
             users: UserSlots::new(config.limits.connections_per_user_max),
-            cancels: Mutex::new(CancelTable::new(config.limits.cancel_keys_max)),
+            cancels: CancelKeys::new(config.limits.cancel_keys_max),
             metrics: ProxyMetrics::default(),
         };
         Ok(Self {
@@ -625,7 +625,7 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
         }
         let Some(_slot) = self.users.acquire(&user) else {
             let mut session = session;
-            let limit = self.users.max;
+            let limit = self.users.max();
             let message = format!(
                 "too many connections for user {user:?}: the proxy allows {limit} at once (connections_per_user_max)"
             );
@@ -656,12 +656,8 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
                 agent: agent_id.clone(),
                 database: database.clone(),
             };
-            let inserted = self.cancel_table().insert(&key, route);
-            match inserted {
-                Ok(ticket) => Some(CancelGuard {
-                    table: &self.cancels,
-                    ticket: Some(ticket),
-                }),
+            match self.cancels.register(&key, route) {
+                Ok(registration) => Some(registration),
                 Err(full) => {
                     tracing::warn!(%user, %database, %full, "session not cancellable");
                     None
@@ -691,15 +687,10 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
         );
     }
 
-    fn cancel_table(&self) -> std::sync::MutexGuard<'_, CancelTable> {
-        // The table's methods do not panic midway: a poisoned lock holds a valid table.
-        self.cancels.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Sends a CancelRequest to the agent of the session that owns its key. Unknown keys
     /// are dropped silently, as PostgreSQL does.
     async fn forward_cancel(&self, request: CancelRequest, peer: Option<SocketAddr>) {
-        let route = self.cancel_table().route(&request).cloned();
+        let route = self.cancels.route(&request);
         let Some(route) = route else {
             self.metrics.cancel("unknown_key");
             tracing::debug!(?peer, "cancel request for an unknown key dropped");
@@ -804,71 +795,6 @@ async fn refuse_too_many<W: AsyncWrite + Unpin>(stream: &mut W, message: &str) -
     stream.write_all(&out).await?;
     stream.flush().await?;
     stream.shutdown().await
-}
-
-/// Sessions per user, bounded by `connections_per_user_max`.
-struct UserSlots {
-    counts: Arc<Mutex<HashMap<String, usize>>>,
-    max: usize,
-}
-
-impl UserSlots {
-    fn new(max: usize) -> Self {
-        Self {
-            counts: Arc::default(),
-            max,
-        }
-    }
-
-    /// A slot for one more session of `user`, or `None` at the limit.
-    fn acquire(&self, user: &str) -> Option<UserSlot> {
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = counts.entry(user.to_owned()).or_insert(0);
-        if *count >= self.max {
-            return None;
-        }
-        *count += 1;
-        Some(UserSlot {
-            counts: self.counts.clone(),
-            user: user.to_owned(),
-        })
-    }
-}
-
-/// One session's place in [`UserSlots`]; given back when dropped (also when a drain
-/// closes the session).
-struct UserSlot {
-    counts: Arc<Mutex<HashMap<String, usize>>>,
-    user: String,
-}
-
-impl Drop for UserSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = counts.get_mut(&self.user) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.user);
-            }
-        }
-    }
-}
-
-/// Removes a session's cancel key when the session ends, however it ends.
-struct CancelGuard<'a> {
-    table: &'a Mutex<CancelTable>,
-    ticket: Option<CancelTicket>,
-}
-
-impl Drop for CancelGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(ticket) = self.ticket.take() {
-            self.table
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(ticket);
-        }
-    }
 }
 
 /// Counts a session in `active_sessions` while it lives.

@@ -53,6 +53,8 @@ mod monotonic;
 pub mod pool;
 pub mod proxy;
 pub mod registry;
+mod sync;
+pub mod table;
 
 use std::fmt;
 
@@ -62,6 +64,7 @@ pub use error::Error;
 pub use pool::{Pool, PoolConfig, PoolOutput, ProxyState};
 pub use proxy::{ChannelRequest, ProxyConfig, ProxyTunnels};
 pub use registry::{Candidate, Registry, RegistryLimits, RegistryOutput};
+pub use table::{Closing, TunnelTable};
 
 /// Names one tunnel (or attempt at one) within the [`Pool`] or [`Registry`] that issued
 /// it; never reused by that issuer.

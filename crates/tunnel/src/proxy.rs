@@ -4,11 +4,10 @@
 //!
 //! The registry decides; this file only moves events between it, the network and russh.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,7 +25,8 @@ use tokio::task::JoinSet;
 use crate::control::Control;
 use crate::error::Error;
 use crate::monotonic::{Monotonic, sleep_until};
-use crate::registry::{Candidate, Registry, RegistryLimits, RegistryOutput};
+use crate::registry::{Candidate, RegistryLimits};
+use crate::table::{Closing, TunnelTable};
 use crate::{ChannelKind, CloseReason, TunnelId};
 
 /// What a proxy needs to accept tunnels.
@@ -123,14 +123,9 @@ struct Shared {
     host_ca_keys: Vec<PublicKey>,
     clock: WallClock,
     monotonic: Monotonic,
-    state: Mutex<State>,
+    tunnels: TunnelTable<server::Handle>,
     /// Wakes [`ProxyTunnels::serve`] when the registry's next timeout may have moved.
     changed: Notify,
-}
-
-struct State {
-    registry: Registry,
-    sessions: HashMap<TunnelId, server::Handle>,
 }
 
 impl std::fmt::Debug for ProxyTunnels {
@@ -145,7 +140,7 @@ impl ProxyTunnels {
     /// Builds the proxy side. Call inside the runtime that will run it (its monotonic
     /// clock starts here).
     pub fn new(runtime: &Runtime, config: ProxyConfig) -> Result<Self, Error> {
-        let registry = Registry::new(config.limits)?;
+        let tunnels = TunnelTable::new(config.limits)?;
         if config.connections_max == 0 {
             return Err(Error::InvalidConfig {
                 field: "connections_max",
@@ -181,10 +176,7 @@ impl ProxyTunnels {
             host_ca_keys: config.host_ca_keys,
             clock: runtime.clock().clone(),
             monotonic: Monotonic::start(),
-            state: Mutex::new(State {
-                registry,
-                sessions: HashMap::new(),
-            }),
+            tunnels,
             changed: Notify::new(),
         };
         Ok(Self {
@@ -199,8 +191,7 @@ impl ProxyTunnels {
         loop {
             let deadline = self
                 .shared
-                .lock()
-                .registry
+                .tunnels
                 .poll_timeout()
                 .map(|at| self.shared.monotonic.instant(at));
             tokio::select! {
@@ -223,7 +214,7 @@ impl ProxyTunnels {
                 () = self.shared.changed.notified() => {}
                 () = sleep_until(deadline) => {
                     let now = self.shared.monotonic.now();
-                    self.shared.lock().registry.handle_timeout(now);
+                    self.shared.tunnels.timeout(now);
                 }
                 Some(_) = sessions.join_next() => {}
             }
@@ -233,12 +224,12 @@ impl ProxyTunnels {
 
     /// Agents connected to this proxy that serve `database`, ordered by agent id.
     pub fn candidates(&self, database: &str) -> Vec<Candidate> {
-        self.shared.lock().registry.candidates(database)
+        self.shared.tunnels.candidates(database)
     }
 
     /// How many agents hold a tunnel to this proxy.
     pub fn tunnels(&self) -> usize {
-        self.shared.lock().registry.tunnels()
+        self.shared.tunnels.tunnels()
     }
 
     /// Opens a channel over `tunnel` to the database in `request`. The channel counts
@@ -248,18 +239,12 @@ impl ProxyTunnels {
         tunnel: TunnelId,
         request: &ChannelRequest,
     ) -> Result<Connection, Error> {
-        let (session, agent) = {
-            let mut state = self.shared.lock();
-            state.registry.reserve_channel(tunnel)?;
-            let agent = state.registry.agent(tunnel).unwrap_or_default().to_owned();
-            (state.sessions.get(&tunnel).cloned(), agent)
-        };
+        let (session, agent) = self.shared.tunnels.reserve(tunnel)?;
         // From here on the slot goes back when `slot` is dropped, on every path.
         let slot = ChannelSlot {
             shared: self.shared.clone(),
             tunnel,
         };
-        let session = session.ok_or(Error::UnknownTunnel { tunnel })?;
         let (client_ip, client_port) = request.client_addr.map_or((String::new(), 0), |a| {
             (a.ip().to_string(), u32::from(a.port()))
         });
@@ -292,40 +277,23 @@ impl ProxyTunnels {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The registry's methods do not panic midway, so a panic elsewhere while the
-        // lock was held leaves it consistent: use it as is.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Performs what the registry asked for: closes the sessions of tunnels it dropped.
     fn apply_outputs(&self) {
-        let mut closing = Vec::new();
+        for Closing {
+            tunnel,
+            agent,
+            reason,
+            session,
+        } in self.tunnels.take_closing()
         {
-            let mut state = self.lock();
-            while let Some(RegistryOutput::Close {
-                tunnel,
-                agent,
-                reason,
-            }) = state.registry.poll_output()
-            {
-                closing.push((tunnel, agent, reason, state.sessions.remove(&tunnel)));
-            }
-        }
-        for (tunnel, agent, reason, session) in closing {
             tracing::info!(%agent, %tunnel, %reason, "closing tunnel");
-            if let Some(session) = session {
-                tokio::spawn(disconnect(session, reason));
-            }
+            tokio::spawn(disconnect(session, reason));
         }
     }
 
-    /// Forgets `tunnel` and closes its session.
+    /// Forgets `tunnel`; its session, for the caller to close.
     fn tunnel_down(&self, tunnel: TunnelId) -> Option<server::Handle> {
-        let now = self.monotonic.now();
-        let mut state = self.lock();
-        state.registry.handle_tunnel_down(now, tunnel);
-        state.sessions.remove(&tunnel)
+        self.tunnels.tunnel_down(self.monotonic.now(), tunnel)
     }
 }
 
@@ -465,14 +433,10 @@ impl server::Handler for ProxyHandler {
         };
         let now = self.shared.monotonic.now();
         let cert_expires = now + remaining(&self.shared.clock, valid_before);
-        let registered = {
-            let mut state = self.shared.lock();
-            let registered = state.registry.handle_tunnel_up(now, &agent, cert_expires);
-            if let Ok(tunnel) = registered {
-                state.sessions.insert(tunnel, session.handle());
-            }
-            registered
-        };
+        let registered = self
+            .shared
+            .tunnels
+            .tunnel_up(now, &agent, cert_expires, session.handle());
         match registered {
             Ok(tunnel) => {
                 tracing::info!(%agent, %tunnel, peer = ?self.peer, "tunnel up");
@@ -533,7 +497,7 @@ async fn serve_control(
             let now = shared.monotonic.now();
             match message {
                 Control::Heartbeat => {
-                    shared.lock().registry.handle_heartbeat(now, tunnel)?;
+                    shared.tunnels.heartbeat(now, tunnel)?;
                     out.clear();
                     Control::HeartbeatAck.encode(&mut out)?;
                     channel.data(&out[..]).await.map_err(|source| Error::Ssh {
@@ -542,10 +506,7 @@ async fn serve_control(
                     })?;
                 }
                 Control::Databases(databases) => {
-                    shared
-                        .lock()
-                        .registry
-                        .handle_announce(now, tunnel, databases)?;
+                    shared.tunnels.announce(now, tunnel, databases)?;
                 }
                 Control::HeartbeatAck => {
                     return Err(Error::ControlMalformed {
@@ -566,7 +527,7 @@ struct ChannelSlot {
 
 impl Drop for ChannelSlot {
     fn drop(&mut self) {
-        self.shared.lock().registry.release_channel(self.tunnel);
+        self.shared.tunnels.release(self.tunnel);
     }
 }
 
