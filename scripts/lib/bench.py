@@ -230,9 +230,11 @@ def report(args):
     machine = [
         ("machine", f"{meta['nproc']} CPUs ({meta['cpu']}), {meta['ram']} RAM, {meta['kernel']}"),
         ("software", f"{meta['postgres']}; {meta['pgbouncer']}; postern {meta['postern']} (release build)"),
-        ("settings", f"{meta['duration']} s per pgbench run, {meta['reps']} repetitions (medians; "
-                     f"{'/'.join(str(c) for c in rep_counts)} values per figure), pgbench scale {meta['scale']}, "
-                     f"{meta['sessions']} idle sessions, COPY of {meta['copy_mib']} MiB"),
+        ("settings", f"{meta['duration']} s per pgbench run, "
+                     + (f"{meta['reps']} repetitions (each figure the median of "
+                        f"{'/'.join(str(c) for c in rep_counts)} values)" if meta["reps"] > 1 else "1 repetition")
+                     + f", pgbench scale {meta['scale']}, {meta['sessions']} idle sessions, "
+                     f"COPY of {meta['copy_mib']} MiB"),
         ("load average (1 min)", f"before {load_text('before')}; during {load_text('during')}; after {load_text('after')}"),
         ("started", meta["started"]),
         ("command", meta["command"]),
