@@ -13,6 +13,7 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use postern_rt::Blocking;
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 use tokio_postgres::{Client, NoTls};
@@ -285,6 +286,7 @@ impl AuditLog for MemoryAuditLog {
 #[derive(Debug, Clone)]
 pub struct FileAuditLog {
     shared: Arc<FileShared>,
+    blocking: Blocking,
 }
 
 #[derive(Debug)]
@@ -306,7 +308,15 @@ impl FileAuditLog {
                 dir: dir.to_owned(),
                 days: Mutex::new(HashMap::new()),
             }),
+            blocking: Blocking::Pool,
         })
+    }
+
+    /// Runs file I/O as `blocking` says: the runtime's policy (inline in simulation, so
+    /// a seed replays); tokio's blocking pool by default.
+    pub fn with_blocking(mut self, blocking: Blocking) -> Self {
+        self.blocking = blocking;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -475,17 +485,13 @@ impl AuditLog for FileAuditLog {
         let lines = check_batch(events)?;
         let shared = Arc::clone(&self.shared);
         let events = events.to_vec();
-        tokio::task::spawn_blocking(move || shared.emit(&events, lines))
-            .await
-            .map_err(|join| Error::storage("audit files", join))?
+        self.blocking.run(move || shared.emit(&events, lines)).await
     }
 
     async fn search(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, Error> {
         let shared = Arc::clone(&self.shared);
         let query = query.clone();
-        tokio::task::spawn_blocking(move || shared.search(&query))
-            .await
-            .map_err(|join| Error::storage("audit files", join))?
+        self.blocking.run(move || shared.search(&query)).await
     }
 }
 

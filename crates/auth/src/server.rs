@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use postern_rt::{Rng, WallClock};
+use postern_rt::{Blocking, Rng, WallClock};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -91,6 +91,8 @@ pub struct AuthServer<B, A> {
     /// Verified against when the user does not exist, so that an unknown user takes as
     /// long to refuse as a wrong password.
     dummy_hash: String,
+    /// Where password hashing runs (see [`AuthServer::with_blocking`]).
+    blocking: Blocking,
 }
 
 fn check_host_name(field: &str, name: &str) -> Result<(), Error> {
@@ -137,7 +139,15 @@ impl<B: Backend, A: AuditLog> AuthServer<B, A> {
             limiter: Mutex::new(LoginLimiter::new(config.login_limits)),
             config,
             dummy_hash,
+            blocking: Blocking::Pool,
         })
+    }
+
+    /// Runs password hashing as `blocking` says: the runtime's policy (inline in
+    /// simulation, so a seed replays); tokio's blocking pool by default.
+    pub fn with_blocking(mut self, blocking: Blocking) -> Self {
+        self.blocking = blocking;
+        self
     }
 
     pub fn state(&self) -> &State<B> {
@@ -193,9 +203,9 @@ impl<B: Backend, A: AuditLog> AuthServer<B, A> {
     async fn hash(&self, password: &str) -> Result<String, Error> {
         let (password, cost, mut rng) =
             (password.to_owned(), self.config.password_cost, self.rng());
-        tokio::task::spawn_blocking(move || hash_password(&password, cost, &mut rng))
+        self.blocking
+            .run(move || hash_password(&password, cost, &mut rng))
             .await
-            .map_err(|join| Error::storage("password hashing", join))?
     }
 
     // --- Users ----------------------------------------------------------------------
@@ -385,9 +395,10 @@ impl<B: Backend, A: AuditLog> AuthServer<B, A> {
             .and_then(|user| user.password_hash.clone())
             .unwrap_or_else(|| self.dummy_hash.clone());
         let candidate = password.to_owned();
-        let password_ok = tokio::task::spawn_blocking(move || verify_password(&candidate, &hash))
-            .await
-            .unwrap_or(false);
+        let password_ok = self
+            .blocking
+            .run(move || verify_password(&candidate, &hash))
+            .await;
         let Some(user) = user else {
             return Err("no such user".to_owned());
         };

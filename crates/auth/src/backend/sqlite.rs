@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use postern_rt::Blocking;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use rustls::time_provider::TimeProvider;
 use tokio::sync::broadcast;
@@ -31,11 +32,12 @@ const LIVE: &str = "(expires IS NULL OR expires > :now)";
 
 /// State in one SQLite file, written in WAL mode with full fsync on every commit.
 ///
-/// Calls run on tokio's blocking pool, one at a time; watchers are fed after commit, in
+/// Calls run on tokio's blocking pool (or as [`SqliteBackend::with_blocking`] says), one at a time; watchers are fed after commit, in
 /// commit order.
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
     shared: Arc<Shared>,
+    blocking: Blocking,
 }
 
 #[derive(Debug)]
@@ -67,21 +69,29 @@ impl SqliteBackend {
                 clock,
                 events: broadcast::channel(WATCH_EVENTS_MAX).0,
             }),
+            blocking: Blocking::Pool,
         })
+    }
+
+    /// Runs SQLite calls as `blocking` says: the runtime's policy (inline in simulation,
+    /// so a seed replays); tokio's blocking pool by default.
+    pub fn with_blocking(mut self, blocking: Blocking) -> Self {
+        self.blocking = blocking;
+        self
     }
 
     pub fn path(&self) -> &Path {
         &self.shared.path
     }
 
-    /// Runs `op` in one transaction on the blocking pool, then feeds its events to
+    /// Runs `op` in one transaction where blocking work runs, then feeds its events to
     /// watchers while still holding the connection, so events keep commit order.
     async fn run<T: Send + 'static>(
         &self,
         op: impl FnOnce(&Transaction<'_>, i64, &mut Vec<Event>) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
         let shared = Arc::clone(&self.shared);
-        let task = tokio::task::spawn_blocking(move || {
+        let task = self.blocking.run(move || {
             let now = i64::try_from(now_secs(&shared.clock)).unwrap_or(i64::MAX);
             let mut connection = shared.lock();
             let transaction = connection.transaction().map_err(sqlite)?;
@@ -94,7 +104,7 @@ impl SqliteBackend {
             }
             Ok(out)
         });
-        task.await.map_err(|join| Error::storage("sqlite", join))?
+        task.await
     }
 }
 
