@@ -6,17 +6,24 @@
 //! so each direction has its own half, and the relay machine sits behind a mutex that is
 //! held only for its synchronous `handle_*` calls, never across an await.
 //!
-//! Audit events go to a bounded channel. When the consumer falls behind, the relay waits:
-//! the session slows down, and no statement runs unaudited or has its event dropped.
-//! Nothing is logged per message.
+//! Audit events are rendered from the relay's borrowed views ([`EventOut`]) and go to a
+//! bounded channel. When the consumer falls behind, the relay waits: the session slows
+//! down, and no statement runs unaudited or has its event dropped. With a [`Durable`]
+//! (the spool's), a chunk is forwarded only once the events it produced are fsync'd:
+//! the database sees a client's next bytes only after the events of everything before
+//! them are on disk, and the client sees an answer only after its event is. Nothing is
+//! logged per message.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use postern_pg::audit::EventView;
 use postern_pg::{AuditEvent, Relay};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
+
+use crate::spool::Durable;
 
 /// Bytes read from one side at a time.
 pub const CHUNK_SIZE: usize = 16 * 1024;
@@ -65,9 +72,74 @@ pub struct Pending {
     pub server: Vec<u8>,
 }
 
+/// Where the relay's events go: each is rendered from the relay's borrowed view (with
+/// the relay locked, so rendering must not wait), then sent on a bounded channel.
+pub struct EventOut<T, F> {
+    render: F,
+    events: mpsc::Sender<T>,
+    /// Wait for the spool's fsync of the last event of each chunk, found by its key.
+    durable: Option<(Durable, fn(&T) -> &str)>,
+}
+
+impl<T, F: Fn(EventView<'_>) -> T> EventOut<T, F> {
+    /// Events rendered by `render`, sent on `events`.
+    pub fn new(render: F, events: mpsc::Sender<T>) -> Self {
+        EventOut {
+            render,
+            events,
+            durable: None,
+        }
+    }
+
+    /// Forwards a chunk only once the events it produced are fsync'd, as `durable` tells
+    /// by each event's `key` (the spool's event id).
+    pub fn durable(mut self, durable: Durable, key: fn(&T) -> &str) -> Self {
+        self.durable = Some((durable, key));
+        self
+    }
+
+    fn drain(&self, relay: &mut Relay) -> Vec<T> {
+        let mut ready = Vec::new();
+        while let Some(event) = relay.poll_event_view() {
+            ready.push((self.render)(event));
+        }
+        ready
+    }
+
+    /// Sends `ready` and, with a [`Durable`], waits until the last of them is on disk.
+    async fn deliver(&self, ready: Vec<T>) -> Result<(), RelayEnd> {
+        let wait = match (&self.durable, ready.last()) {
+            (Some((durable, key)), Some(last)) => Some(
+                durable
+                    .wait_for(key(last))
+                    .map_err(|_| RelayEnd::AuditClosed)?,
+            ),
+            _ => None,
+        };
+        for event in ready {
+            self.events
+                .send(event)
+                .await
+                .map_err(|_| RelayEnd::AuditClosed)?;
+        }
+        if let Some(wait) = wait {
+            wait.wait().await.map_err(|_| RelayEnd::AuditClosed)?;
+        }
+        Ok(())
+    }
+}
+
+impl<T, F> std::fmt::Debug for EventOut<T, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventOut")
+            .field("durable", &self.durable.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Relays until both sides close or one fails, starting with the `pending` bytes. Every
 /// event, including those flushed at the end for requests never answered, is sent on
-/// `events` before this returns.
+/// `events` (owned, as [`EventView::to_owned`] makes them) before this returns.
 pub async fn run<C, S>(
     client: C,
     server: S,
@@ -79,22 +151,25 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    run_with_controls(client, server, relay, pending, events, Controls::default()).await
+    let out = EventOut::new(|event: EventView<'_>| event.to_owned(), events);
+    run_with_controls(client, server, relay, pending, out, Controls::default()).await
 }
 
-/// [`run`], ending the session early as `controls` say (idle timeout, certificate
-/// expiry) with an ErrorResponse to the client that says why.
-pub async fn run_with_controls<C, S>(
+/// [`run`] with events rendered and sent as `events` says, ending the session early as
+/// `controls` say (idle timeout, certificate expiry) with an ErrorResponse to the client
+/// that says why.
+pub async fn run_with_controls<C, S, T, F>(
     client: C,
     server: S,
     relay: Relay,
     pending: Pending,
-    events: mpsc::Sender<AuditEvent>,
+    events: EventOut<T, F>,
     controls: Controls,
 ) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(EventView<'_>) -> T,
 {
     let shared = Shared {
         relay: Mutex::new(relay),
@@ -187,12 +262,10 @@ where
     let flushed = {
         let mut relay = shared.lock();
         relay.handle_close();
-        drain(&mut relay)
+        events.drain(&mut relay)
     };
-    for event in flushed {
-        if events.send(event).await.is_err() {
-            return RelayEnd::AuditClosed;
-        }
+    if let Err(closed) = events.deliver(flushed).await {
+        return closed;
     }
     end
 }
@@ -219,13 +292,14 @@ impl Shared {
         self.relay.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Shows `chunk` to the relay, sends its events, then writes it to the other side.
-    async fn forward<W: AsyncWrite + Unpin>(
+    /// Shows `chunk` to the relay, sends its events (and waits for them to be durable,
+    /// if `events` says so), then writes it to the other side.
+    async fn forward<W: AsyncWrite + Unpin, T, F: Fn(EventView<'_>) -> T>(
         &self,
         from: Side,
         chunk: &[u8],
         to: &mut W,
-        events: &mpsc::Sender<AuditEvent>,
+        events: &EventOut<T, F>,
     ) -> Result<(), RelayEnd> {
         *self
             .last_activity
@@ -237,15 +311,12 @@ impl Shared {
                 Side::Client => relay.handle_client_bytes(chunk),
                 Side::Server => relay.handle_server_bytes(chunk),
             };
-            (result, drain(&mut relay))
+            (result, events.drain(&mut relay))
         };
         // Events first: a statement's bytes reach the database only once the events
-        // before it are handed to the audit pipeline.
-        for event in ready {
-            events
-                .send(event)
-                .await
-                .map_err(|_| RelayEnd::AuditClosed)?;
+        // before it are handed to the audit pipeline (and on disk, with a `Durable`).
+        if !ready.is_empty() {
+            events.deliver(ready).await?;
         }
         if let Err(e) = result {
             return Err(match from {
@@ -335,21 +406,18 @@ async fn watchdog(shared: &Shared, controls: &Controls) -> RelayEnd {
     }
 }
 
-fn drain(relay: &mut Relay) -> Vec<AuditEvent> {
-    std::iter::from_fn(|| relay.poll_event()).collect()
-}
-
 /// One direction: read, show the relay, forward; until EOF, an error, or a stop.
-async fn half<R, W>(
+async fn half<R, W, T, F>(
     shared: &Shared,
     from: Side,
     read: &mut R,
     write: &mut W,
-    events: &mpsc::Sender<AuditEvent>,
+    events: &EventOut<T, F>,
 ) -> RelayEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    F: Fn(EventView<'_>) -> T,
 {
     let mut buf = vec![0u8; CHUNK_SIZE];
     loop {

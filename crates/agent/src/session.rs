@@ -37,7 +37,8 @@ use postern_auth::user::Traits;
 use postern_pg::backend::{BackendMessage, Fields, field};
 use postern_pg::frontend::{StartupMessage, StartupRequest};
 use postern_pg::reply::{Severity, SqlState};
-use postern_pg::{Limits, Outcome, Relay, StartupParams};
+use postern_pg::audit::{EventView, OutcomeView, text};
+use postern_pg::{Limits, Relay, StartupParams};
 use postern_pki::tls::peer_identity;
 use postern_pki::{CertAuthority, DbProtocol, Identity, PrivateKey, Purpose, Validator};
 use postern_rt::{Connection, Net, Rng, Runtime, WallClock, monotonic_now};
@@ -460,16 +461,14 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             });
         }
 
-        let (events, queued) = mpsc::channel(EVENT_QUEUE_LEN);
         let pending = Pending {
             client: startup_rest,
             server: upstream.pending,
         };
         let relay = Relay::new(self.config.limits.clone());
-        let (end, ()) = tokio::join!(
-            relay::run_with_controls(tls, upstream.stream, relay, pending, events, controls),
-            self.forward_events(queued, &common, &rng),
-        );
+        let events = self.statement_events(&common, &rng);
+        let end =
+            relay::run_with_controls(tls, upstream.stream, relay, pending, events, controls).await;
         self.send_end(&common, &rng, &end).await;
         Ok(SessionEnd {
             session_id: common.session_id,
@@ -689,19 +688,19 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
         error
     }
 
-    /// Gives each relay event the session's fields and sends it on. Returning drops
-    /// `queued`, which ends the relay with [`RelayEnd::AuditClosed`].
-    async fn forward_events(
-        &self,
-        mut queued: mpsc::Receiver<postern_pg::AuditEvent>,
-        common: &Common,
-        rng: &Rng,
-    ) {
-        while let Some(event) = queued.recv().await {
-            let event = common.statement_event(event, &self.clock, rng);
-            if self.audit.send(event).await.is_err() {
-                return;
-            }
+    /// Where the relay's events go: rendered from its views with the session's fields,
+    /// straight to the audit sink; with the spool's gate, each chunk waits for its events
+    /// to be fsync'd before it is forwarded.
+    fn statement_events<'s>(
+        &'s self,
+        common: &'s Common,
+        rng: &'s Rng,
+    ) -> relay::EventOut<AuditEvent, impl Fn(EventView<'_>) -> AuditEvent + 's> {
+        let render = move |view: EventView<'_>| common.statement_event(view, &self.clock, rng);
+        let events = relay::EventOut::new(render, self.audit.clone());
+        match &self.audit_gate {
+            Some(gate) => events.durable(gate.durable(), |event: &AuditEvent| event.id.as_str()),
+            None => events,
         }
     }
 
@@ -765,15 +764,12 @@ impl Common {
 
     /// A relay event as an audit record: query, parameters, statement and portal names,
     /// function OID, and the outcome (`success`, `command_tag`, `sqlstate`, `error`).
-    fn statement_event(
-        &self,
-        from: postern_pg::AuditEvent,
-        clock: &WallClock,
-        rng: &Rng,
-    ) -> AuditEvent {
+    /// Rendered from the relay's borrowed view: text is converted here, once.
+    fn statement_event(&self, from: EventView<'_>, clock: &WallClock, rng: &Rng) -> AuditEvent {
         let mut event = self.event((from.name(), from.code()), clock, rng);
-        if let Some(query) = &from.query {
-            let (shown, cut) = cut_to_json_budget(query, QUERY_JSON_MAX);
+        if let Some(query) = from.query {
+            let query = text(query);
+            let (shown, cut) = cut_to_json_budget(&query, QUERY_JSON_MAX);
             event = event.with_field("query", shown);
             if cut {
                 event = event
@@ -787,10 +783,11 @@ impl Common {
             let parameters: Vec<serde_json::Value> = from
                 .parameters
                 .iter()
-                .map(|p| match p.as_deref() {
+                .map(|p| match p {
                     None => serde_json::Value::Null,
                     Some(value) => {
-                        let (shown, cut) = cut_to_json_budget(value, budget);
+                        let value = value.render();
+                        let (shown, cut) = cut_to_json_budget(&value, budget);
                         budget -= json_len(shown);
                         truncated |= cut;
                         shown.into()
@@ -802,31 +799,31 @@ impl Common {
                 event = event.with_field("parameters_truncated", true);
             }
         }
-        if let Some(statement) = &from.statement {
-            event = event.with_field("statement_name", statement.as_str());
+        if let Some(statement) = from.statement {
+            event = event.with_field("statement_name", text(statement).as_ref());
         }
-        if let Some(portal) = &from.portal {
-            event = event.with_field("portal_name", portal.as_str());
+        if let Some(portal) = from.portal {
+            event = event.with_field("portal_name", text(portal).as_ref());
         }
         if let Some(function) = from.function {
             event = event.with_field("function_oid", function);
         }
-        let outcome = match &from.outcome {
-            Outcome::Succeeded { tag } => {
+        let outcome = match from.outcome {
+            OutcomeView::Succeeded { tag } => {
                 if let Some(tag) = tag {
-                    event = event.with_field("command_tag", tag.as_str());
+                    event = event.with_field("command_tag", text(tag).as_ref());
                 }
                 "succeeded"
             }
-            Outcome::Suspended => "suspended",
-            Outcome::Failed { code, message } => {
+            OutcomeView::Suspended => "suspended",
+            OutcomeView::Failed { code, message } => {
                 event = event
-                    .with_field("sqlstate", code.as_str())
-                    .with_error(message);
+                    .with_field("sqlstate", text(code).as_ref())
+                    .with_error(text(message));
                 "failed"
             }
-            Outcome::Skipped => "skipped",
-            Outcome::Unknown => "unknown",
+            OutcomeView::Skipped => "skipped",
+            OutcomeView::Unknown => "unknown",
             _ => "other",
         };
         event.with_field("outcome", outcome)

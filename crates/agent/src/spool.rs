@@ -14,11 +14,16 @@
 //! payload` where the payload is the event's JSON. On open, a record cut short or with
 //! a bad checksum ends its segment: the rest is cut off (a torn write from a crash).
 //!
+//! A session's statements wait for their events to be on disk ([`Durable`]): the relay
+//! hands a chunk on only after the events it produced are fsync'd. The writer takes every
+//! event queued by every session at once and fsyncs them together (group commit), so
+//! concurrent sessions share one fsync.
+//!
 //! The spool is bounded ([`SPOOL_SIZE_MAX_DEFAULT`]): when it holds that many bytes,
 //! [`AuditGate::check`] refuses new sessions with [`SpoolFull`], so that no session runs
 //! unaudited; events of sessions already open are still written.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -29,7 +34,7 @@ use std::time::Duration;
 use postern_auth::audit::{AuditEvent, BATCH_EVENTS_MAX, EVENT_SIZE_MAX};
 use postern_auth::client::AuthClient;
 use postern_rt::Blocking;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 /// Most bytes the spool holds before new sessions are refused.
 pub const SPOOL_SIZE_MAX_DEFAULT: u64 = 256 * 1024 * 1024;
@@ -170,15 +175,22 @@ struct Inner {
     writer: Option<File>,
 }
 
-/// Tells sessions whether the spool takes more; cheap to clone.
+/// Tells sessions whether the spool takes more, and when their events are on disk;
+/// cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AuditGate {
     size: Arc<AtomicU64>,
     limit: u64,
     closed: Arc<AtomicBool>,
+    durable: Durable,
 }
 
 impl AuditGate {
+    /// Where sessions learn that their events are fsync'd.
+    pub fn durable(&self) -> Durable {
+        self.durable.clone()
+    }
+
     /// `Ok` while the spool has room for a new session's events.
     pub fn check(&self) -> Result<(), SpoolFull> {
         let size = self.size.load(Ordering::Relaxed);
@@ -250,6 +262,7 @@ impl Spool {
                 size: Arc::new(AtomicU64::new(total)),
                 limit: size_max,
                 closed: Arc::new(AtomicBool::new(false)),
+                durable: Durable::default(),
             },
             written: Notify::new(),
         };
@@ -417,6 +430,99 @@ impl Spool {
     }
 }
 
+/// Sessions waiting for events to be fsync'd, by event id. Only the last event of what a
+/// session queued needs a waiter: one session's events reach the writer in order, so when
+/// the last is on disk, so are the ones before it.
+#[derive(Clone, Debug, Default)]
+pub struct Durable {
+    state: Arc<Mutex<DurableState>>,
+}
+
+#[derive(Debug, Default)]
+struct DurableState {
+    waiting: HashMap<String, oneshot::Sender<()>>,
+    /// The writer stopped: nothing will be written any more.
+    closed: bool,
+}
+
+/// The spool's writer stopped; events queued now are never written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the audit spool's writer stopped")]
+pub struct WriterStopped;
+
+impl Durable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DurableState> {
+        // Plain map updates only; a poisoned lock still holds a consistent map.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A waiter for the event with `id`: register it *before* queueing the event, then
+    /// [`DurableWait::wait`].
+    pub fn wait_for(&self, id: &str) -> Result<DurableWait, WriterStopped> {
+        let (sender, receiver) = oneshot::channel();
+        let mut state = self.lock();
+        if state.closed {
+            return Err(WriterStopped);
+        }
+        state.waiting.insert(id.to_owned(), sender);
+        Ok(DurableWait {
+            durable: self.clone(),
+            id: id.to_owned(),
+            receiver,
+            settled: false,
+        })
+    }
+
+    /// `events` are fsync'd: wakes their waiters.
+    fn written(&self, events: &[AuditEvent]) {
+        let mut state = self.lock();
+        if state.waiting.is_empty() {
+            return;
+        }
+        for event in events {
+            if let Some(waiter) = state.waiting.remove(&event.id) {
+                // The session may have ended meanwhile; nothing to wake then.
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// The writer stopped: every waiter, now and later, learns it.
+    fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.waiting.clear();
+    }
+}
+
+/// Resolves once one event is fsync'd. Dropping it unregisters the waiter.
+#[derive(Debug)]
+pub struct DurableWait {
+    durable: Durable,
+    id: String,
+    receiver: oneshot::Receiver<()>,
+    /// Woken or closed: the entry is gone from the map.
+    settled: bool,
+}
+
+impl DurableWait {
+    /// Waits until the event is on disk, or the writer stopped.
+    pub async fn wait(mut self) -> Result<(), WriterStopped> {
+        let result = (&mut self.receiver).await.map_err(|_| WriterStopped);
+        self.settled = true;
+        result
+    }
+}
+
+impl Drop for DurableWait {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Abandoned (the session ended first): forget the entry.
+            self.durable.lock().waiting.remove(&self.id);
+        }
+    }
+}
+
 /// Names a batch handed out by [`Spool::next_batch`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
@@ -486,8 +592,18 @@ pub async fn write_events(
     mut events: mpsc::Receiver<AuditEvent>,
     blocking: Blocking,
 ) {
+    let durable = spool.gate.durable.clone();
+    // Whatever ends this task, sessions waiting for their events learn it.
+    struct CloseOnExit(Durable);
+    impl Drop for CloseOnExit {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = CloseOnExit(durable.clone());
     let mut batch = Vec::with_capacity(WRITE_BATCH_EVENTS_MAX);
     loop {
+        // Everything queued by every session since the last fsync, in one batch.
         if events.recv_many(&mut batch, WRITE_BATCH_EVENTS_MAX).await == 0 {
             return;
         }
@@ -502,8 +618,11 @@ pub async fn write_events(
                 })
                 .await;
             match result {
-                (_, Ok(())) => {
+                (written, Ok(())) => {
                     spool.gate.closed.store(false, Ordering::Relaxed);
+                    durable.written(&written);
+                    batch = written;
+                    batch.clear();
                     break;
                 }
                 (written, Err(error)) => {
