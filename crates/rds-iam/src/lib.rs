@@ -6,7 +6,9 @@
 //!
 //! The signing time comes from the runtime seam's [`WallClock`], so tokens follow a
 //! simulation's (or test's) clock. Credentials come from any AWS credentials provider;
-//! the agent passes the standard chain.
+//! the agent passes the standard chain ([`chain::DefaultChain`]).
+
+pub mod chain;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
