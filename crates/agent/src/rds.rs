@@ -4,8 +4,10 @@
 
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::error::CredentialsError;
-use aws_credential_types::provider::{self, ProvideCredentials};
+use aws_credential_types::provider::{self, ProvideCredentials, SharedCredentialsProvider};
 use postern_rds_iam::TokenSigner;
+use postern_rds_iam::chain::DefaultChain;
+use postern_rt::Runtime;
 
 use crate::session::{CredentialSource, LookupError, ServedDatabase};
 use crate::upstream::postgres::Credential;
@@ -48,10 +50,16 @@ pub async fn iam_credential(
         })
 }
 
+/// The standard AWS credential chain (environment, shared files, container endpoint,
+/// EC2 instance metadata; see [`postern_rds_iam::chain`]) on the runtime's network and
+/// clock: what a daemon passes as `AgentServiceConfig::aws_credentials`.
+pub fn standard_chain(runtime: &Runtime) -> SharedCredentialsProvider {
+    SharedCredentialsProvider::new(DefaultChain::new(*runtime.net(), runtime.clock().clone()))
+}
+
 /// AWS credentials from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 /// optional `AWS_SESSION_TOKEN`), read at each use so rotated values are picked up.
-/// The part of the standard AWS credential chain the agent implements itself; a
-/// daemon that links `aws-config` passes its default chain instead.
+/// The first source of [`standard_chain`], alone.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EnvironmentCredentials;
 

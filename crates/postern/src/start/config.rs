@@ -95,6 +95,9 @@ pub(crate) struct ProxySection {
     /// The host name clients and agents reach this proxy by; goes into its
     /// certificates. Default: `localhost`.
     pub(crate) public_addr: Option<String>,
+    /// A stable name for this proxy on its certificates (default: `proxy-` and the host
+    /// name).
+    pub(crate) host_id: Option<String>,
     /// The auth server, when it is not in this process.
     pub(crate) auth_addr: Option<DialAddr>,
     /// Single-use join token (`postern admin tokens add --type proxy`), when the auth
@@ -468,6 +471,9 @@ fn check(config: &Config) -> Result<(), (String, String)> {
             &proxy.join_token,
             &proxy.auth_ca_file,
         )?;
+        if let Some(host_id) = &proxy.host_id {
+            check_name("proxy.host_id", host_id)?;
+        }
         let limits = &proxy.limits;
         if limits.handshake_timeout.0.is_zero() {
             return Err((
@@ -936,6 +942,24 @@ static_labels = { env = "dev" }
         let example = parse("postern.toml", EXAMPLE).unwrap();
         assert!(example.auth.is_some() && example.proxy.is_some() && example.db.is_some());
         assert!(example.metrics.is_some());
+    }
+
+    // The split example (one role per machine) parses: each file alone is a config.
+    #[test]
+    fn split_examples_parse() {
+        let auth = include_str!("../../../../testdata/examples/split/auth.toml");
+        let proxy = include_str!("../../../../testdata/examples/split/proxy.toml");
+        let db = include_str!("../../../../testdata/examples/split/db.toml");
+        let auth = parse("auth.toml", auth).unwrap();
+        assert!(auth.auth.is_some() && auth.proxy.is_none() && auth.db.is_none());
+        let proxy = parse("proxy.toml", proxy).unwrap();
+        let section = proxy.proxy.unwrap();
+        assert!(proxy.auth.is_none() && proxy.db.is_none());
+        assert_eq!(section.host_id.as_deref(), Some("proxy-1"));
+        assert_eq!(section.auth_addr.unwrap().host(), "auth.example.com");
+        let db = parse("db.toml", db).unwrap();
+        assert!(db.auth.is_none() && db.proxy.is_none());
+        assert_eq!(db.db.unwrap().proxies[0].0, "proxy.example.com:3024");
     }
 
     // Every default listen address is a valid socket address (the fallback never runs).

@@ -14,6 +14,7 @@
 //!    once.
 
 pub(crate) mod config;
+mod host;
 mod logging;
 mod metrics;
 mod roles;
@@ -32,6 +33,8 @@ pub(crate) struct StartArgs {
     #[arg(long)]
     pub(crate) check: bool,
 }
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Exit code for a config that does not parse or check.
 const EXIT_CONFIG: u8 = 2;

@@ -26,7 +26,7 @@ use postern_auth::server::{AuthConfig, AuthServer, TokenKind};
 use postern_auth::signing::HostCert;
 use postern_auth::user::PasswordCost;
 use postern_pki::ssh::ssh_key;
-use postern_pki::{CaKind, PrivateKey, TrustedCa, VerifiedIdentity};
+use postern_pki::{CaKind, IssuedCert, PrivateKey, TrustedCa, VerifiedIdentity};
 use postern_proxy::dispatch::DbAccessSigner;
 use postern_proxy::service::{Listen, ProxyLimits, ProxyService, ProxyServiceConfig};
 use postern_rt::Runtime;
@@ -36,15 +36,22 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 
 use super::config::{
-    AuthSection, Config, DbProtocolSetting, DbSection, ListenAddr, ProxySection, TlsModeSetting,
+    AuthSection, Config, DbProtocolSetting, DbSection, DialAddr, ListenAddr, ProxySection,
+    TlsModeSetting,
 };
-use super::metrics;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use super::host::{self, Remote};
+use super::{BoxError, metrics};
 
 /// Lifetime of the join tokens minted in-process for the local proxy and agent: they are
 /// spent at once.
 const LOCAL_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Where under `data_dir` a proxy or agent that joined a remote auth server keeps its
+/// host certificate and key (the agent's is where `AgentService` keeps its own).
+const PROXY_HOST_DIR: &str = "proxy-host";
+const AGENT_HOST_DIR: &str = "agent-host";
+/// Written by the auth role at start: the cluster's host CA bundle, for the
+/// `auth_ca_file` of remote proxies and agents.
+pub(crate) const HOST_CAS_FILE: &str = "host-cas.pem";
 /// After the proxy and the agent drained, how long the rest may take to stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -54,16 +61,16 @@ pub(crate) async fn run(config: Config, config_path: PathBuf) -> Result<(), BoxE
     let stop_tx = Arc::new(stop_tx);
     spawn_signal_handler(Arc::clone(&stop_tx))?;
 
+    // Every role keeps files there: auth its state and audit, a proxy or an agent
+    // that joined a remote auth server its host certificate, the agent its spool.
     let data_dir = &config.data_dir;
-    if config.auth.is_some() || config.db.is_some() {
-        std::fs::create_dir_all(data_dir).map_err(|error| {
-            format!(
-                "cannot create data_dir {}: {error}; create it or set data_dir in {}",
-                data_dir.display(),
-                config_path.display()
-            )
-        })?;
-    }
+    std::fs::create_dir_all(data_dir).map_err(|error| {
+        format!(
+            "cannot create data_dir {}: {error}; create it or set data_dir in {}",
+            data_dir.display(),
+            config_path.display()
+        )
+    })?;
     let runtime = Runtime::production(data_dir.clone())
         .map_err(|error| format!("cannot seed the random number generator: {error}"))?;
 
@@ -107,7 +114,8 @@ pub(crate) async fn run(config: Config, config_path: PathBuf) -> Result<(), BoxE
                         .map_err(|error| format!("audit log {}: {error}", audit_dir.display()))?;
                     let server =
                         AuthServer::new(backend, audit, clock, runtime.rng().clone(), auth_config)?;
-                    let (local, api) = Local::start(Arc::new(server), auth, listener).await?;
+                    let (local, api) =
+                        Local::start(Arc::new(server), auth, listener, data_dir).await?;
                     run_roles(
                         &config,
                         &runtime,
@@ -131,7 +139,8 @@ pub(crate) async fn run(config: Config, config_path: PathBuf) -> Result<(), BoxE
                         .map_err(|error| format!("auth.postgres (audit): {error}"))?;
                     let server =
                         AuthServer::new(backend, audit, clock, runtime.rng().clone(), auth_config)?;
-                    let (local, api) = Local::start(Arc::new(server), auth, listener).await?;
+                    let (local, api) =
+                        Local::start(Arc::new(server), auth, listener, data_dir).await?;
                     run_roles(
                         &config,
                         &runtime,
@@ -257,11 +266,28 @@ impl<B: Backend, A: AuditLog> Local<B, A> {
         server: Arc<AuthServer<B, A>>,
         section: &AuthSection,
         listener: postern_rt::Listener,
+        data_dir: &Path,
     ) -> Result<(Self, ApiTask), BoxError> {
         server
             .ensure_cas()
             .await
             .map_err(|error| format!("cannot create the cluster's CAs: {error}"))?;
+        // What remote proxies and agents set as auth_ca_file; rewritten at every start
+        // so that it follows CA rotations.
+        let host_cas: String = server
+            .ca_status(CaKind::Host)
+            .await?
+            .trusted
+            .iter()
+            .map(TrustedCa::to_pem)
+            .collect();
+        let host_cas_path = data_dir.join(HOST_CAS_FILE);
+        std::fs::write(&host_cas_path, host_cas)
+            .map_err(|error| format!("cannot write {}: {error}", host_cas_path.display()))?;
+        tracing::info!(
+            path = %host_cas_path.display(),
+            "auth: the host CA bundle, for auth_ca_file of remote proxies and agents"
+        );
         let local = listener.local_addr()?;
         let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
         names.extend(section.public_names.iter().cloned());
@@ -367,8 +393,12 @@ async fn run_roles<L: LocalAuth>(
         None => (None, None),
     };
     let mut registry = Registry::default();
+    // Joining a remote auth server waits for it to answer: a signal meanwhile stops.
     let mut proxy = match &config.proxy {
-        Some(section) => Some(build_proxy(runtime, section, local).await?),
+        Some(section) => tokio::select! {
+            () = stopped(stop_rx.clone()) => return Ok(()),
+            proxy = build_proxy(runtime, section, local) => Some(proxy?),
+        },
         None => None,
     };
     // The agent dials the proxy of this process on its bound tunnel port.
@@ -386,7 +416,10 @@ async fn run_roles<L: LocalAuth>(
     }
     let agent = match &config.db {
         Some(section) => {
-            let agent = build_agent(runtime, section, local, local_tunnel).await?;
+            let agent = tokio::select! {
+                () = stopped(stop_rx.clone()) => return Ok(()),
+                agent = build_agent(runtime, section, local, local_tunnel) => agent?,
+            };
             agent.register_metrics(&mut registry);
             Some(agent)
         }
@@ -472,31 +505,139 @@ async fn run_roles<L: LocalAuth>(
     Ok(())
 }
 
+/// How a proxy or agent of this process reaches the auth service, and the host
+/// certificate it presents there.
+struct Joined {
+    cluster: String,
+    auth_addr: String,
+    auth_server_name: String,
+    /// The host CAs (PEM) the auth server's certificate must chain to.
+    auth_ca_pem: String,
+    cert: IssuedCert,
+    key: PrivateKey,
+}
+
+/// A section's settings for a remote auth server (`auth_addr`, `join_token`,
+/// `auth_ca_file`), and the folder under `data_dir` its host certificate is kept in.
+struct RemoteSettings<'a> {
+    section: &'static str,
+    auth_addr: &'a Option<DialAddr>,
+    join_token: &'a Option<String>,
+    auth_ca_file: &'a Option<PathBuf>,
+    dir: &'static str,
+}
+
+/// The host certificate of a proxy or agent: from the auth server in this process, or
+/// by joining the remote one (see [`host`]).
+async fn join<L: LocalAuth>(
+    runtime: &Runtime,
+    local: Option<&L>,
+    kind: TokenKind,
+    host_id: &str,
+    names: Vec<String>,
+    remote: RemoteSettings<'_>,
+) -> Result<Joined, BoxError> {
+    if let Some(local) = local {
+        let (host, key) = local.issue_host(kind, host_id, names).await?;
+        return Ok(Joined {
+            cluster: local.cluster().to_owned(),
+            auth_addr: local.addr().to_owned(),
+            auth_server_name: "localhost".to_owned(),
+            auth_ca_pem: local.host_ca_pem().await?,
+            cert: host.cert,
+            key,
+        });
+    }
+    let section = remote.section;
+    // Invariant of config::check: without [auth], all three are set.
+    let (Some(addr), Some(ca_file)) = (remote.auth_addr, remote.auth_ca_file) else {
+        return Err(
+            format!("{section}: auth_addr and auth_ca_file are needed without [auth]").into(),
+        );
+    };
+    let ca_pem = read_file(&format!("{section}.auth_ca_file"), ca_file)?;
+    let auth_cas = TrustedCa::from_pem_bundle(&ca_pem)
+        .map_err(|error| format!("{section}.auth_ca_file {}: {error}", ca_file.display()))?;
+    let cluster = auth_cas
+        .first()
+        .map(|ca| ca.cluster().to_owned())
+        .ok_or_else(|| {
+            format!(
+                "{section}.auth_ca_file {}: no certificate in it",
+                ca_file.display()
+            )
+        })?;
+    let (cert, key) = host::obtain(
+        runtime,
+        &Remote {
+            section,
+            kind,
+            host_id,
+            names,
+            auth_addr: &addr.0,
+            auth_server_name: addr.host(),
+            auth_cas: &auth_cas,
+            join_token: remote.join_token.as_deref(),
+            dir: runtime.storage_root().join(remote.dir),
+        },
+    )
+    .await?;
+    Ok(Joined {
+        cluster,
+        auth_addr: addr.0.clone(),
+        auth_server_name: addr.host().to_owned(),
+        auth_ca_pem: ca_pem,
+        cert,
+        key,
+    })
+}
+
 async fn build_proxy<L: LocalAuth>(
     runtime: &Runtime,
     section: &ProxySection,
     local: Option<&L>,
 ) -> Result<ProxyService<ApiSigner>, BoxError> {
-    let Some(local) = local else {
-        return Err("a proxy without the auth server in the same process is not supported by this build yet: add [auth] to this config".into());
-    };
     let public = section
         .public_addr
         .clone()
         .unwrap_or_else(|| "localhost".to_owned());
-    let host_id = format!("proxy-{}", hostname());
+    let host_id = section
+        .host_id
+        .clone()
+        .unwrap_or_else(|| format!("proxy-{}", hostname()));
     let mut names = vec![public.clone(), "localhost".to_owned()];
     names.dedup();
-    let (host, key) = local.issue_host(TokenKind::Proxy, &host_id, names).await?;
-    let auth_cas = TrustedCa::from_pem_bundle(&local.host_ca_pem().await?)?;
+    let joined = join(
+        runtime,
+        local,
+        TokenKind::Proxy,
+        &host_id,
+        names,
+        RemoteSettings {
+            section: "proxy",
+            auth_addr: &section.auth_addr,
+            join_token: &section.join_token,
+            auth_ca_file: &section.auth_ca_file,
+            dir: PROXY_HOST_DIR,
+        },
+    )
+    .await?;
+    let auth_cas = TrustedCa::from_pem_bundle(&joined.auth_ca_pem)?;
     let clock = Arc::new(runtime.clock().clone());
     let auth = AuthClient::new(
         *runtime.net(),
-        local.addr(),
-        "localhost",
+        &joined.auth_addr,
+        &joined.auth_server_name,
         &auth_cas,
-        Some((host.cert.der().clone(), key.to_rustls())),
+        Some((joined.cert.der().clone(), joined.key.to_rustls())),
         clock,
+    )?;
+    // Every CA the cluster trusts now (both of a kind while it rotates).
+    let trusted = TrustedCa::from_pem_bundle(
+        &auth
+            .cas()
+            .await
+            .map_err(|error| format!("proxy: the cluster's CAs: {error}"))?,
     )?;
     let ssh_key = postern_pki::ssh::generate_ssh_key()?;
     let public_ssh = ssh_key
@@ -517,7 +658,7 @@ async fn build_proxy<L: LocalAuth>(
         .map(|k| ssh_key::PublicKey::from_openssh(k).map_err(bad_ssh))
         .collect::<Result<Vec<_>, _>>()?;
     let of_kind = |kind: CaKind| -> Vec<TrustedCa> {
-        host.trusted
+        trusted
             .iter()
             .filter(|ca| ca.kind() == kind)
             .cloned()
@@ -525,15 +666,15 @@ async fn build_proxy<L: LocalAuth>(
     };
     let limits = &section.limits;
     let config = ProxyServiceConfig {
-        cluster: local.cluster().to_owned(),
+        cluster: joined.cluster,
         listen: Listen {
             postgres: section.listen_postgres.0.to_string(),
             web: Some(section.listen_web.0.to_string()),
             tunnel: section.listen_tunnel.0.to_string(),
         },
-        auth_api_addr: Some(local.addr().to_owned()),
-        host_cert: host.cert.clone(),
-        host_key: key,
+        auth_api_addr: Some(joined.auth_addr),
+        host_cert: joined.cert,
+        host_key: joined.key,
         ssh_key,
         ssh_cert,
         user_cas: of_kind(CaKind::User),
@@ -568,54 +709,21 @@ async fn build_agent<L: LocalAuth>(
             proxies.push(own);
         }
     }
-    let (cluster, auth_addr, auth_server_name, auth_ca_pem, host) = match local {
-        Some(local) => {
-            let (cert, key) = local
-                .issue_host(TokenKind::Db, &host_id, vec![host_id.clone()])
-                .await?;
-            (
-                local.cluster().to_owned(),
-                local.addr().to_owned(),
-                "localhost".to_owned(),
-                local.host_ca_pem().await?,
-                HostMaterial::Ready {
-                    cert_pem: cert.cert.to_pem(),
-                    key_pem: key.to_pem(),
-                },
-            )
-        }
-        None => {
-            // Invariant of config::check: without [auth], all three are set.
-            let (Some(addr), Some(token), Some(ca_file)) = (
-                &section.auth_addr,
-                &section.join_token,
-                &section.auth_ca_file,
-            ) else {
-                return Err(
-                    "db: auth_addr, join_token and auth_ca_file are needed without [auth]".into(),
-                );
-            };
-            let ca_pem = read_file("db.auth_ca_file", ca_file)?;
-            let cas = TrustedCa::from_pem_bundle(&ca_pem)
-                .map_err(|error| format!("db.auth_ca_file {}: {error}", ca_file.display()))?;
-            let cluster = cas
-                .first()
-                .map(|ca| ca.cluster().to_owned())
-                .ok_or_else(|| {
-                    format!(
-                        "db.auth_ca_file {}: no certificate in it",
-                        ca_file.display()
-                    )
-                })?;
-            (
-                cluster,
-                addr.0.clone(),
-                addr.host().to_owned(),
-                ca_pem,
-                HostMaterial::JoinToken(token.clone()),
-            )
-        }
-    };
+    let joined = join(
+        runtime,
+        local,
+        TokenKind::Db,
+        &host_id,
+        vec![host_id.clone()],
+        RemoteSettings {
+            section: "db",
+            auth_addr: &section.auth_addr,
+            join_token: &section.join_token,
+            auth_ca_file: &section.auth_ca_file,
+            dir: AGENT_HOST_DIR,
+        },
+    )
+    .await?;
     let databases = section
         .databases
         .iter()
@@ -652,19 +760,22 @@ async fn build_agent<L: LocalAuth>(
         })
         .collect();
     let config = AgentServiceConfig {
-        cluster,
+        cluster: joined.cluster,
         host_id,
-        auth_addr,
-        auth_server_name,
-        auth_ca_pem,
-        host,
+        auth_addr: joined.auth_addr,
+        auth_server_name: joined.auth_server_name,
+        auth_ca_pem: joined.auth_ca_pem,
+        host: HostMaterial::Ready {
+            cert_pem: joined.cert.to_pem(),
+            key_pem: joined.key.to_pem(),
+        },
         proxies,
         databases,
         timers: AgentTimers {
             drain_timeout: section.drain_timeout.0,
             ..AgentTimers::default()
         },
-        aws_credentials: None,
+        aws_credentials: Some(postern_agent::rds::standard_chain(runtime)),
     };
     Ok(AgentService::new(runtime.clone(), config)?)
 }
