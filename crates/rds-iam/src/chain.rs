@@ -200,8 +200,8 @@ impl DefaultChain {
         }
         for source in [Source::Container, Source::InstanceMetadata] {
             let answer = match source {
-                Source::Container => self.from_container(&env).await,
-                _ => self.from_instance_metadata(&env).await,
+                Source::Container => self.container(&env).await,
+                _ => self.instance_metadata(&env).await,
             }
             .map_err(|reason| ChainError::Failed {
                 from: source,
@@ -229,7 +229,7 @@ impl DefaultChain {
         (now + REFRESH_BEFORE < expiry).then(|| credentials.clone())
     }
 
-    async fn from_container(&self, env: &Env) -> Result<Answer, String> {
+    async fn container(&self, env: &Env) -> Result<Answer, String> {
         let url = if let Some(relative) = env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
             if !relative.starts_with('/') {
                 return Err(format!(
@@ -270,7 +270,7 @@ impl DefaultChain {
         parse_credentials_json(&body, Source::Container).map(Answer::Found)
     }
 
-    async fn from_instance_metadata(&self, env: &Env) -> Result<Answer, String> {
+    async fn instance_metadata(&self, env: &Env) -> Result<Answer, String> {
         if env
             .get("AWS_EC2_METADATA_DISABLED")
             .is_some_and(|v| v.eq_ignore_ascii_case("true"))
@@ -464,19 +464,19 @@ fn from_profile(env: &Env) -> Result<Answer, String> {
     let mut settings = BTreeMap::new();
     let mut found = false;
     // Config first, so that the credentials file's keys replace its.
-    if let Some(text) = read(&config_file)? {
-        if let Some(section) = ini_section(&text, |name| {
+    if let Some(text) = read(&config_file)?
+        && let Some(section) = ini_section(&text, |name| {
             name == format!("profile {profile}") || (profile == "default" && name == "default")
-        }) {
-            found = true;
-            settings.extend(section);
-        }
+        })
+    {
+        found = true;
+        settings.extend(section);
     }
-    if let Some(text) = read(&credentials_file)? {
-        if let Some(section) = ini_section(&text, |name| name == profile) {
-            found = true;
-            settings.extend(section);
-        }
+    if let Some(text) = read(&credentials_file)?
+        && let Some(section) = ini_section(&text, |name| name == profile)
+    {
+        found = true;
+        settings.extend(section);
     }
     let files = || {
         [&credentials_file, &config_file]

@@ -157,7 +157,7 @@ async fn shared_files_and_profiles() {
     );
     let home_var = ("HOME", home.display().to_string());
 
-    let default = chain(&[home_var.clone()], &clock)
+    let default = chain(std::slice::from_ref(&home_var), &clock)
         .credentials()
         .await
         .unwrap();
