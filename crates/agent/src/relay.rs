@@ -77,8 +77,14 @@ pub struct Pending {
 pub struct EventOut<T, F> {
     render: F,
     events: mpsc::Sender<T>,
-    /// Wait for the spool's fsync of the last event of each chunk, found by its key.
-    durable: Option<(Durable, fn(&T) -> &str)>,
+    /// Wait for the spool's fsync of the last event of each chunk.
+    durable: Option<DurableBy<T>>,
+}
+
+/// The spool's durability waiters, and how to find an event's key (its id) for them.
+struct DurableBy<T> {
+    durable: Durable,
+    key: fn(&T) -> &str,
 }
 
 impl<T, F: Fn(EventView<'_>) -> T> EventOut<T, F> {
@@ -94,7 +100,7 @@ impl<T, F: Fn(EventView<'_>) -> T> EventOut<T, F> {
     /// Forwards a chunk only once the events it produced are fsync'd, as `durable` tells
     /// by each event's `key` (the spool's event id).
     pub fn durable(mut self, durable: Durable, key: fn(&T) -> &str) -> Self {
-        self.durable = Some((durable, key));
+        self.durable = Some(DurableBy { durable, key });
         self
     }
 
@@ -109,7 +115,7 @@ impl<T, F: Fn(EventView<'_>) -> T> EventOut<T, F> {
     /// Sends `ready` and, with a [`Durable`], waits until the last of them is on disk.
     async fn deliver(&self, ready: Vec<T>) -> Result<(), RelayEnd> {
         let wait = match (&self.durable, ready.last()) {
-            (Some((durable, key)), Some(last)) => Some(
+            (Some(DurableBy { durable, key }), Some(last)) => Some(
                 durable
                     .wait_for(key(last))
                     .map_err(|_| RelayEnd::AuditClosed)?,

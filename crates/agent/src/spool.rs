@@ -27,14 +27,31 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use postern_auth::audit::{AuditEvent, BATCH_EVENTS_MAX, EVENT_SIZE_MAX};
 use postern_auth::client::AuthClient;
 use postern_rt::Blocking;
 use tokio::sync::{Notify, mpsc, oneshot};
+
+use self::sync::{AtomicBool, AtomicU64, Mutex, MutexGuard, Ordering, Shared};
+
+/// The synchronization the spool's concurrent core (segments, size, durability waiters)
+/// uses: std's, or loom's under `--cfg postern_loom`, where `tests/loom_spool.rs` explores the
+/// interleavings of append, next_batch, ack and durable notification across threads.
+mod sync {
+    #[cfg(postern_loom)]
+    pub(super) use loom::sync::{
+        Arc as Shared, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    #[cfg(not(postern_loom))]
+    pub(super) use std::sync::{
+        Arc as Shared, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+}
 
 /// Most bytes the spool holds before new sessions are refused.
 pub const SPOOL_SIZE_MAX_DEFAULT: u64 = 256 * 1024 * 1024;
@@ -179,9 +196,9 @@ struct Inner {
 /// cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AuditGate {
-    size: Arc<AtomicU64>,
+    size: Shared<AtomicU64>,
     limit: u64,
-    closed: Arc<AtomicBool>,
+    closed: Shared<AtomicBool>,
     durable: Durable,
 }
 
@@ -259,9 +276,9 @@ impl Spool {
                 writer: None,
             }),
             gate: AuditGate {
-                size: Arc::new(AtomicU64::new(total)),
+                size: Shared::new(AtomicU64::new(total)),
                 limit: size_max,
-                closed: Arc::new(AtomicBool::new(false)),
+                closed: Shared::new(AtomicBool::new(false)),
                 durable: Durable::default(),
             },
             written: Notify::new(),
@@ -279,7 +296,7 @@ impl Spool {
         self.gate.size()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // Only plain bookkeeping happens under the lock; a poisoned lock still holds
         // consistent offsets.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
@@ -335,6 +352,14 @@ impl Spool {
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         drop(inner);
         self.written.notify_one();
+        Ok(())
+    }
+
+    /// [`Spool::append`], then wakes the sessions waiting for these events
+    /// ([`Durable`]). The writer's step: one fsync for everything every session queued.
+    pub fn commit(&self, events: &[AuditEvent]) -> Result<(), SpoolError> {
+        self.append(events)?;
+        self.gate.durable.written(events);
         Ok(())
     }
 
@@ -433,9 +458,9 @@ impl Spool {
 /// Sessions waiting for events to be fsync'd, by event id. Only the last event of what a
 /// session queued needs a waiter: one session's events reach the writer in order, so when
 /// the last is on disk, so are the ones before it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Durable {
-    state: Arc<Mutex<DurableState>>,
+    state: Shared<Mutex<DurableState>>,
 }
 
 #[derive(Debug, Default)]
@@ -450,8 +475,16 @@ struct DurableState {
 #[error("the audit spool's writer stopped")]
 pub struct WriterStopped;
 
+impl Default for Durable {
+    fn default() -> Self {
+        Durable {
+            state: Shared::new(Mutex::new(DurableState::default())),
+        }
+    }
+}
+
 impl Durable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, DurableState> {
+    fn lock(&self) -> MutexGuard<'_, DurableState> {
         // Plain map updates only; a poisoned lock still holds a consistent map.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -592,7 +625,6 @@ pub async fn write_events(
     mut events: mpsc::Receiver<AuditEvent>,
     blocking: Blocking,
 ) {
-    let durable = spool.gate.durable.clone();
     // Whatever ends this task, sessions waiting for their events learn it.
     struct CloseOnExit(Durable);
     impl Drop for CloseOnExit {
@@ -600,7 +632,7 @@ pub async fn write_events(
             self.0.close();
         }
     }
-    let _close = CloseOnExit(durable.clone());
+    let _close = CloseOnExit(spool.gate.durable.clone());
     let mut batch = Vec::with_capacity(WRITE_BATCH_EVENTS_MAX);
     loop {
         // Everything queued by every session since the last fsync, in one batch.
@@ -613,14 +645,13 @@ pub async fn write_events(
             let written = std::mem::take(&mut batch);
             let result = blocking
                 .run(move || {
-                    let result = writer.append(&written);
+                    let result = writer.commit(&written);
                     (written, result)
                 })
                 .await;
             match result {
                 (written, Ok(())) => {
                     spool.gate.closed.store(false, Ordering::Relaxed);
-                    durable.written(&written);
                     batch = written;
                     batch.clear();
                     break;
