@@ -11,12 +11,15 @@
 //! ```
 //!
 //! The agent authorizes, connects to the database and audits; after start-up the proxy
-//! only moves bytes, without parsing them and without per-message logging.
+//! only moves bytes, without parsing them and without per-message logging. It does
+//! count where each agent→client message ends ([`BackendFrames`]: a type byte and a
+//! length), so that a session closed at shutdown ends between two messages with a FATAL
+//! ErrorResponse (SQLSTATE 57P01) the client can show ([`relay`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use postern_pg::backend::BackendMessage;
+use postern_pg::backend::{BackendMessage, Fields, field};
 use postern_pg::frontend::{CancelRequest, ProtocolVersion, StartupMessage, StartupRequest};
 use postern_pg::reply::SqlState;
 use postern_pg::{Limits, StartupParams};
@@ -26,7 +29,8 @@ use postern_rt::{Connection, Rng, WallClock, monotonic_now};
 use postern_tunnel::TunnelId;
 use postern_tunnel::proxy::{ChannelRequest, ProxyTunnels};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
 use crate::postgres::{ClientSession, ClientStream};
@@ -96,6 +100,201 @@ pub struct Connected {
     pub database: String,
     /// The database's key for CancelRequests of this session, from its BackendKeyData.
     pub backend_key: Option<CancelRequest>,
+    /// Where the agent→client stream stands after the start-up answer.
+    pub frames: BackendFrames,
+}
+
+/// Where the agent→client byte stream stands in PostgreSQL's backend framing: each
+/// message is a type byte, a 4-byte big-endian length that counts itself, and the body.
+/// Counting only: nothing is parsed or buffered beyond the 5 header bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendFrames {
+    /// The current message's header bytes seen so far (`have` of 5).
+    header: [u8; 5],
+    have: u8,
+    /// Body bytes of the current message still to come (once its header is complete).
+    body_left: u32,
+    /// A length below 4 was seen: message boundaries are unknown from here on.
+    lost: bool,
+}
+
+impl BackendFrames {
+    /// Accounts for `bytes`, which followed the bytes seen so far.
+    pub fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.lost {
+            if self.have < 5 {
+                let at = usize::from(self.have);
+                let take = (5 - at).min(bytes.len());
+                self.header[at..at + take].copy_from_slice(&bytes[..take]);
+                // take <= 5.
+                self.have += take as u8;
+                bytes = &bytes[take..];
+                if self.have == 5 {
+                    let [_, a, b, c, d] = self.header;
+                    let len = u32::from_be_bytes([a, b, c, d]);
+                    match len.checked_sub(4) {
+                        Some(0) => self.have = 0,
+                        Some(body) => self.body_left = body,
+                        None => self.lost = true,
+                    }
+                }
+            } else {
+                let take = bytes.len().min(self.body_left as usize);
+                // take <= body_left, a u32.
+                self.body_left -= take as u32;
+                bytes = &bytes[take..];
+                if self.body_left == 0 {
+                    self.have = 0;
+                }
+            }
+        }
+    }
+
+    /// True between two messages.
+    pub fn at_boundary(&self) -> bool {
+        !self.lost && self.have == 0
+    }
+
+    /// How many bytes may be read next without passing the end of the current message
+    /// (0 at a boundary); `None` once boundaries are lost.
+    pub fn to_boundary(&self) -> Option<usize> {
+        if self.lost {
+            None
+        } else if self.have == 0 {
+            Some(0)
+        } else if self.have < 5 {
+            Some(usize::from(5 - self.have))
+        } else {
+            Some(self.body_left as usize)
+        }
+    }
+}
+
+/// SQLSTATE 57P01 `admin_shutdown`, as PostgreSQL sends when it is shut down.
+const ADMIN_SHUTDOWN: &[u8] = b"57P01";
+/// What a client reads when the proxy closes its session at shutdown.
+pub const SHUTDOWN_MESSAGE: &str =
+    "terminating connection because the Postern proxy is shutting down";
+const SHUTDOWN_HINT: &str =
+    "reconnect: another proxy, or this one once it restarts, will serve you";
+/// Once asked to close, how long a session may take to finish the agent's message in
+/// flight before it is closed without the ErrorResponse.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Bytes read at once in the agent→client direction.
+const RELAY_CHUNK: usize = 16 * 1024;
+
+/// How a relayed session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The client or the agent closed it.
+    Closed,
+    /// `closing` asked for it; `told` when the client got the FATAL ErrorResponse (the
+    /// agent's message in flight ended within [`CLOSE_GRACE`]).
+    ShutDown { told: bool },
+}
+
+/// Copies bytes both ways until the agent closes (the client closing only ends the
+/// client→agent direction, as in `copy_bidirectional`), or until `closing` turns true:
+/// then the client→agent direction stops, the agent→client direction finishes the
+/// message it is in (`frames` says where that ends), the client gets a FATAL
+/// ErrorResponse with SQLSTATE 57P01, and both are closed.
+pub async fn relay<C, A>(
+    client: &mut C,
+    agent: &mut A,
+    mut frames: BackendFrames,
+    mut closing: watch::Receiver<bool>,
+) -> std::io::Result<Ended>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut agent_read, mut agent_write) = tokio::io::split(agent);
+    let upstream = async {
+        tokio::io::copy(&mut client_read, &mut agent_write).await?;
+        agent_write.shutdown().await
+    };
+    let downstream = async {
+        let mut buf = vec![0u8; RELAY_CHUNK];
+        // A dropped sender never asks: stop watching it.
+        let mut watching = true;
+        loop {
+            tokio::select! {
+                biased;
+                asked = async { closing.wait_for(|closing| *closing).await.is_ok() }, if watching => {
+                    if asked {
+                        break;
+                    }
+                    watching = false;
+                }
+                read = agent_read.read(&mut buf) => {
+                    let n = read?;
+                    if n == 0 {
+                        client_write.shutdown().await?;
+                        return Ok(Ended::Closed);
+                    }
+                    frames.advance(&buf[..n]);
+                    client_write.write_all(&buf[..n]).await?;
+                }
+            }
+        }
+        // Closing: finish the message in flight, then tell the client why.
+        let finish = async {
+            while let Some(left) = frames.to_boundary() {
+                if left == 0 {
+                    return Ok::<bool, std::io::Error>(true);
+                }
+                let n = agent_read.read(&mut buf[..left.min(RELAY_CHUNK)]).await?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                frames.advance(&buf[..n]);
+                client_write.write_all(&buf[..n]).await?;
+            }
+            Ok(false)
+        };
+        let told = match tokio::time::timeout(CLOSE_GRACE, finish).await {
+            Ok(Ok(true)) => {
+                client_write.write_all(&shutdown_error()).await?;
+                true
+            }
+            Ok(Ok(false)) | Err(_) => false,
+            Ok(Err(error)) => return Err(error),
+        };
+        client_write.flush().await?;
+        client_write.shutdown().await?;
+        Ok(Ended::ShutDown { told })
+    };
+    tokio::pin!(upstream, downstream);
+    let mut upstream_done = false;
+    loop {
+        tokio::select! {
+            biased;
+            ended = &mut downstream => return ended,
+            copied = &mut upstream, if !upstream_done => {
+                upstream_done = true;
+                copied?;
+            }
+        }
+    }
+}
+
+/// FATAL 57P01, encoded.
+fn shutdown_error() -> Vec<u8> {
+    let fields = Fields {
+        fields: vec![
+            (field::SEVERITY, b"FATAL".to_vec()),
+            (field::SEVERITY_NONLOCALIZED, b"FATAL".to_vec()),
+            (field::CODE, ADMIN_SHUTDOWN.to_vec()),
+            (field::MESSAGE, SHUTDOWN_MESSAGE.as_bytes().to_vec()),
+            (field::HINT, SHUTDOWN_HINT.as_bytes().to_vec()),
+        ],
+    };
+    let mut out = Vec::new();
+    // Encoding a few short fields cannot exceed any limit; an empty result only loses
+    // the message, not the close.
+    let _ = BackendMessage::ErrorResponse(fields).encode(&mut out);
+    out
 }
 
 /// Most bytes of the agent's start-up answer parsed for the cancel key; past that the
@@ -110,7 +309,7 @@ async fn relay_greeting(
     agent: &mut tokio_rustls::client::TlsStream<Connection>,
     client: &mut ClientStream,
     limits: &Limits,
-) -> Result<Option<CancelRequest>, DispatchError> {
+) -> Result<(Option<CancelRequest>, BackendFrames), DispatchError> {
     let mut buf = Vec::new();
     let mut seen = 0usize;
     let mut key = None;
@@ -161,7 +360,10 @@ async fn relay_greeting(
         .await
         .map_err(DispatchError::Client)?;
     client.flush().await.map_err(DispatchError::Client)?;
-    Ok(key)
+    // `buf` starts where a message starts: whole messages were drained from its front.
+    let mut frames = BackendFrames::default();
+    frames.advance(&buf);
+    Ok((key, frames))
 }
 
 /// Carries client sessions to agents over their tunnels. One per proxy; cheap to share.
@@ -240,10 +442,13 @@ impl<S: DbAccessSigner> Dispatcher<S> {
         let Connected {
             mut client,
             mut agent,
+            frames,
             ..
         } = self.connect(session).await?;
+        // Nobody asks this session to close: the sender is dropped at once.
+        let (_, never) = watch::channel(false);
         // Either side closing ends the session; errors here are a peer going away.
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut agent).await;
+        let _ = relay(&mut client, &mut agent, frames, never).await;
         Ok(())
     }
 
@@ -349,7 +554,8 @@ impl<S: DbAccessSigner> Dispatcher<S> {
                 .map_err(DispatchError::Client)?;
             return Err(DispatchError::AgentClosed);
         }
-        let backend_key = relay_greeting(&mut agent_stream, &mut client, &self.limits).await?;
+        let (backend_key, frames) =
+            relay_greeting(&mut agent_stream, &mut client, &self.limits).await?;
         Ok(Connected {
             client,
             agent: agent_stream,
@@ -357,6 +563,7 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             agent_id,
             database: service,
             backend_key,
+            frames,
         })
     }
 

@@ -22,7 +22,9 @@
 //!
 //! Shutdown: when the `shutdown` future given to [`ProxyService::run`] completes, the
 //! listeners close at once, running sessions get up to `drain_timeout` to end on their
-//! own, and the rest are closed. Tunnels stay up while draining (sessions run over them).
+//! own, and the rest are closed between two of the database's messages with a FATAL
+//! ErrorResponse, SQLSTATE 57P01 `admin_shutdown` ([`crate::dispatch::relay`]). Tunnels
+//! stay up while draining (sessions run over them).
 
 use std::io;
 use std::net::SocketAddr;
@@ -46,11 +48,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::cancel::{CANCEL_KEYS_MAX_DEFAULT, CancelKeys, CancelRoute};
 use crate::client_auth::{TlsSetupError, server_config};
-use crate::dispatch::{Connected, DbAccessSigner, Dispatcher};
+use crate::dispatch::{CLOSE_GRACE, Connected, DbAccessSigner, Dispatcher, relay};
 use crate::limits::UserSlots;
 use crate::postgres::{ALPN_PROTOCOLS, Accepted, ClientSession, FrontDoor};
 
@@ -291,6 +294,9 @@ struct Shared<S> {
     users: UserSlots,
     cancels: CancelKeys,
     metrics: ProxyMetrics,
+    /// Turns true when the drain timeout ends: sessions then close between two
+    /// messages with a FATAL ErrorResponse (57P01).
+    closing: watch::Sender<bool>,
 }
 
 impl<S: DbAccessSigner + 'static> ProxyService<S> {
@@ -373,6 +379,7 @@ impl<S: DbAccessSigner + 'static> ProxyService<S> {
             users: UserSlots::new(config.limits.connections_per_user_max),
             cancels: CancelKeys::new(config.limits.cancel_keys_max),
             metrics: ProxyMetrics::default(),
+            closing: watch::channel(false).0,
         };
         Ok(Self {
             shared: Arc::new(shared),
@@ -507,9 +514,19 @@ impl<S: DbAccessSigner + 'static> ProxyService<S> {
         };
         if !drained {
             tracing::warn!(
-                closed = connections.len(),
+                closing = connections.len(),
                 "drain timeout reached: closing the remaining sessions"
             );
+            // Each session ends its agent's message in flight and tells its client;
+            // whatever is left after that (a client not reading) is cut.
+            self.shared.closing.send_replace(true);
+            let closing = tokio::time::timeout(CLOSE_GRACE * 2, async {
+                while connections.join_next().await.is_some() {}
+            });
+            tokio::select! {
+                _ = closing => {}
+                () = &mut tunnel_server => {}
+            }
             connections.shutdown().await;
         }
         tracing::info!("proxy stopped");
@@ -649,6 +666,7 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
             agent_id,
             database,
             backend_key,
+            frames,
         } = connected;
         let _cancel = backend_key.and_then(|key| {
             let route = CancelRoute {
@@ -673,8 +691,11 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
             read_total: 0,
             written_total: 0,
         };
-        let outcome = tokio::io::copy_bidirectional(&mut client, &mut agent).await;
-        let error = outcome.err().map(|e| e.to_string());
+        let outcome = relay(&mut client, &mut agent, frames, self.closing.subscribe()).await;
+        let (ended, error) = match outcome {
+            Ok(ended) => (Some(ended), None),
+            Err(error) => (None, Some(error.to_string())),
+        };
         tracing::info!(
             ?peer,
             %user,
@@ -682,6 +703,7 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
             agent = %agent_id,
             bytes_from_client = client.read_total,
             bytes_to_client = client.written_total,
+            ?ended,
             error,
             "session ended"
         );
