@@ -311,7 +311,7 @@ host_id = "proxy-1"
 auth_addr = "localhost:{auth}"
 join_token = "{proxy_token}"
 auth_ca_file = "{cas}"
-limits = {{ drain_timeout = "5s" }}
+limits = {{ drain_timeout = "1s" }}
 [metrics]
 listen = "127.0.0.1:{proxy_metrics}"
 "#,
@@ -464,9 +464,52 @@ listen = "127.0.0.1:{db_metrics}"
     assert!(has("auth.token.used", "proxy-1"), "{events}");
     assert!(has("auth.token.used", "db-1"), "{events}");
 
+    // A session still running when the proxy's drain timeout ends is told why it is
+    // closed: psql prints the FATAL 57P01 the proxy sends.
+    let sleeper = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "VERBOSITY=verbose",
+            "service=orders",
+            "-c",
+        ])
+        .arg("select pg_sleep(60)")
+        .env("HOME", &home)
+        .env("PGSERVICEFILE", home.join(".pg_service.conf"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the sleeping session",
+        &mut [&mut auth_daemon, &mut proxy_daemon, &mut db_daemon],
+        || {
+            database
+                .psql(
+                    "postgres",
+                    "select count(*) from pg_stat_activity where query = 'select pg_sleep(60)'",
+                )
+                .is_ok_and(|count| count == "1")
+        },
+    );
+    let asked_at = Instant::now();
     // The proxy restarts on its saved certificate: its token is spent.
     let status = proxy_daemon.terminate(Duration::from_secs(20));
     assert!(status.success(), "{status:?}\n{}", proxy_daemon.log());
+    let sleeper = sleeper.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&sleeper.stderr);
+    assert!(!sleeper.status.success());
+    assert!(
+        stderr.contains("57P01") && stderr.contains("the Postern proxy is shutting down"),
+        "psql said: {stderr}\n{}",
+        proxy_daemon.log()
+    );
+    assert!(
+        asked_at.elapsed() < Duration::from_secs(15),
+        "closed at the 1 s drain timeout, not at the end of the 60 s query"
+    );
     let mut proxy_daemon = Daemon::start("proxy", &proxy_config, &dir.path().join("proxy2.log"));
     wait_for(
         "the agent's tunnel at the restarted proxy",
