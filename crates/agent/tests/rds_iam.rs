@@ -4,48 +4,23 @@
 //! (password auth, TLS only) lets a real client in through the agent, which sent the
 //! token as the cleartext password inside TLS.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_credential_types::Credentials;
 use postern_agent::rds::RdsIam;
-use postern_agent::session::{
-    RoleMap, ServedDatabase, SessionConfig, SessionEnd, SessionError, SessionService,
-};
-use postern_agent::upstream::postgres::PostgresTarget;
-use postern_agent::upstream::{TlsMode, UpstreamTls};
+use postern_agent::session::{RoleMap, SessionEnd, SessionError, SessionService};
 use postern_auth::audit::AuditEvent;
-use postern_auth::database::{Database, Protocol};
-use postern_auth::role::parse_role_file;
-use postern_pg::Limits;
-use postern_pki::tls::{mtls_client_config, mtls_server_config, ring_provider};
-use postern_pki::{
-    CaKind, CertAuthority, DbProtocol, DbRoute, HostIdentity, HostRole, Identity, PrivateKey,
-    UnixTime, Usage, Validator,
-};
+use postern_pki::{Identity, UnixTime, Usage};
 use postern_rds_iam::TokenSigner;
-use postern_rt::{Connection, Net, Rng, Runtime, WallClock};
-use postern_testkit::{PostgresOptions, PostgresServer, ServerTls, TcpAuth};
-use postern_tunnel::agent::IncomingChannel;
-use rustls_pki_types::ServerName;
+use postern_rt::WallClock;
+use postern_test_cluster::{HOUR, TestCluster, later, open_channel};
+use postern_testkit::{PostgresOptions, PostgresServer, TcpAuth};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-const HOUR: Duration = Duration::from_secs(3600);
-
-fn now() -> UnixTime {
-    WallClock::system().now()
-}
-
-fn later(by: Duration) -> UnixTime {
-    UnixTime::since_unix_epoch(Duration::from_secs(now().as_secs() + by.as_secs()))
-}
-
 struct Setup {
-    user_ca: CertAuthority,
-    host_ca: CertAuthority,
+    cas: TestCluster,
     _db: PostgresServer,
     service: Arc<SessionService<RoleMap, RdsIam>>,
     _audit: mpsc::Receiver<AuditEvent>,
@@ -71,114 +46,26 @@ fn signer() -> TokenSigner {
 /// An agent serving "orders" (RDS IAM) on a real PostgreSQL whose role alice has the
 /// password `password`, over TLS with password auth.
 fn setup(roles_toml: &str, password: impl FnOnce(u16) -> String) -> Setup {
-    let start = UnixTime::since_unix_epoch(Duration::from_secs(now().as_secs() - 3600));
-    let ca = |kind| CertAuthority::generate(kind, "main", start, 48 * HOUR).unwrap();
-    let (user_ca, host_ca, db_ca) = (ca(CaKind::User), ca(CaKind::Host), ca(CaKind::Db));
-    let files = db_ca
-        .sign_db_server(&["localhost".to_owned()], now(), 24 * HOUR)
-        .unwrap();
-    let db = PostgresServer::start(PostgresOptions {
-        tls: Some(ServerTls {
-            cert_pem: files.server_crt,
-            key_pem: files.server_key,
-            client_ca_pem: files.server_cas,
-        }),
+    let cas = TestCluster::new("main");
+    let db = cas.start_postgres(PostgresOptions {
         tcp_auth: Some(TcpAuth::Password),
         ..Default::default()
-    })
-    .unwrap();
+    });
     let token = password(db.port());
     db.psql(
         "postgres",
         &format!("create role alice login password '{token}'"),
     )
     .unwrap();
-    let agent_key = PrivateKey::generate().unwrap();
-    let agent = HostIdentity {
-        host_id: "agent-1".into(),
-        role: HostRole::Agent,
-        cluster: "main".into(),
-        names: vec!["agent-1".into()],
-        expires: later(HOUR),
-    };
-    let agent_cert = host_ca
-        .issue_host(&agent, &agent_key.public_key(), now())
-        .unwrap();
-    let clock = WallClock::system();
-    let tls = mtls_server_config(
-        vec![agent_cert.der().clone()],
-        agent_key.to_rustls(),
-        &[user_ca.trusted().clone()],
-        ring_provider(),
-        Arc::new(clock.clone()),
-    )
-    .unwrap();
-    let orders = ServedDatabase {
-        database: Database {
-            name: "orders".into(),
-            description: String::new(),
-            protocol: Protocol::Postgres,
-            uri: format!("localhost:{}", db.port()),
-            labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
-        },
-        target: PostgresTarget {
-            host: "localhost".into(),
-            port: db.port(),
-            tls: UpstreamTls::new(
-                TlsMode::VerifyFull,
-                db_ca.trusted().to_pem().as_bytes(),
-                None,
-                ring_provider(),
-                Arc::new(clock.clone()),
-            )
-            .unwrap(),
-        },
-    };
-    let config = SessionConfig {
-        cluster: "main".into(),
-        tls,
-        validator: Validator::new([user_ca.trusted().clone()]),
-        databases: vec![orders],
-        limits: Limits::default(),
-        handshake_timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(10),
-    };
-    let runtime = Runtime::from_parts(Net::Tokio, clock.clone(), Rng::from_seed(9), PathBuf::new());
-    let roles = RoleMap::new(parse_role_file("roles.toml", roles_toml).unwrap());
+    let config = cas.session_config("agent-1", vec![cas.served_orders(&db)]);
     let (sink, audit) = mpsc::channel(1024);
-    let service = Arc::new(SessionService::new(
-        &runtime,
-        config,
-        roles,
-        RdsIam::new(signer()),
-        sink,
-    ));
+    let credentials = RdsIam::new(signer());
+    let service = cas.session_service(&cas.runtime(9), config, roles_toml, credentials, sink);
     Setup {
-        user_ca,
-        host_ca,
+        cas,
         _db: db,
         service,
         _audit: audit,
-    }
-}
-
-fn alice(expires: UnixTime) -> Identity {
-    Identity {
-        user: "alice".into(),
-        roles: vec!["dev".into()],
-        traits: BTreeMap::new(),
-        route: Some(DbRoute {
-            service: "orders".into(),
-            protocol: DbProtocol::Postgres,
-            db_user: "alice".into(),
-            db_name: "postgres".into(),
-        }),
-        allowed_db_names: vec![],
-        allowed_db_users: vec![],
-        usage: Usage::Db,
-        cluster: "main".into(),
-        client_ip: None,
-        expires,
     }
 }
 
@@ -196,34 +83,8 @@ impl Setup {
     }
 
     async fn try_connect(&self, identity: &Identity) -> Result<Session, tokio_postgres::Error> {
-        let (proxy_end, agent_end) = tokio::io::duplex(64 * 1024);
-        let service = self.service.clone();
-        let mut channel = IncomingChannel {
-            proxy: "proxy-1".into(),
-            database: "orders".into(),
-            client_addr: "203.0.113.7".into(),
-            client_port: 50123,
-            ..incoming_defaults()
-        };
-        channel.connection = Connection::new(agent_end);
-        let agent = tokio::spawn(async move { service.serve(channel).await });
-        let key = PrivateKey::generate().unwrap();
-        let cert = self
-            .user_ca
-            .issue_identity(identity, &key.public_key(), now())
-            .unwrap();
-        let tls = mtls_client_config(
-            vec![cert.der().clone()],
-            key.to_rustls(),
-            &[self.host_ca.trusted().clone()],
-            ring_provider(),
-            Arc::new(WallClock::system()),
-        )
-        .unwrap();
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(ServerName::try_from("agent-1").unwrap(), proxy_end)
-            .await
-            .unwrap();
+        let (proxy_end, agent) = open_channel(&self.service, "orders");
+        let stream = self.cas.tls_to_agent(proxy_end, identity, "agent-1").await;
         let (client, connection) = tokio_postgres::Config::new()
             .user("alice")
             .dbname("postgres")
@@ -231,19 +92,6 @@ impl Setup {
             .connect_raw(stream, tokio_postgres::NoTls)
             .await?;
         Ok((client, tokio::spawn(connection), agent))
-    }
-}
-
-/// An IncomingChannel's remaining fields, whatever the tunnel crate adds.
-fn incoming_defaults() -> IncomingChannel {
-    let (placeholder, _) = tokio::io::duplex(1);
-    IncomingChannel {
-        proxy: String::new(),
-        database: String::new(),
-        client_addr: String::new(),
-        client_port: 0,
-        kind: Default::default(),
-        connection: Connection::new(placeholder),
     }
 }
 
@@ -258,7 +106,9 @@ async fn agent_logs_in_with_the_iam_token_over_tls() {
         tokio::task::block_in_place(|| runtime.block_on(signer().token("localhost", port, "alice")))
             .unwrap()
     });
-    let (client, _connection, agent) = setup.connect(&alice(later(HOUR))).await;
+    let (client, _connection, agent) = setup
+        .connect(&setup.cas.alice(Usage::Db, later(HOUR)))
+        .await;
     let rows = client
         .simple_query(
             "select current_user, ssl::text from pg_stat_ssl where pid = pg_backend_pid()",
@@ -292,7 +142,10 @@ async fn a_token_for_another_endpoint_is_refused() {
         })
         .unwrap()
     });
-    let refused = setup.try_connect(&alice(later(HOUR))).await.unwrap_err();
+    let refused = setup
+        .try_connect(&setup.cas.alice(Usage::Db, later(HOUR)))
+        .await
+        .unwrap_err();
     let db = refused.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code().code(), "28P01", "{}", db.message());
 }

@@ -6,34 +6,18 @@
 //! a proxy that stalls is cut off at the handshake timeout.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use postern_agent::relay::RelayEnd;
-use postern_agent::session::{
-    LocalDbCa, RoleMap, ServedDatabase, SessionConfig, SessionEnd, SessionError, SessionService,
-};
-use postern_agent::upstream::postgres::PostgresTarget;
-use postern_agent::upstream::{TlsMode, UpstreamTls};
+use postern_agent::session::{LocalDbCa, RoleMap, SessionEnd, SessionError, SessionService};
 use postern_auth::audit::AuditEvent;
-use postern_auth::database::{Database, Protocol};
-use postern_auth::role::parse_role_file;
-use postern_pg::Limits;
-use postern_pki::tls::{mtls_client_config, mtls_server_config, ring_provider};
-use postern_pki::{
-    CaKind, CertAuthority, DbProtocol, DbRoute, HostIdentity, HostRole, Identity, PrivateKey,
-    UnixTime, Usage, Validator,
-};
-use postern_rt::{Connection, Net, Rng, Runtime, WallClock};
-use postern_testkit::{PostgresOptions, PostgresServer, ServerTls};
-use postern_tunnel::agent::IncomingChannel;
-use rustls_pki_types::ServerName;
+use postern_pki::{DbProtocol, DbRoute, Identity, Usage};
+use postern_test_cluster::{HOUR, TestCluster, later, open_channel};
+use postern_testkit::{PostgresOptions, PostgresServer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-
-const HOUR: Duration = Duration::from_secs(3600);
 
 const ROLES: &str = r#"
 [[role]]
@@ -43,19 +27,10 @@ allow.db_users = ["{{internal.db_users}}", "ghost"]
 allow.db_names = ["postgres"]
 "#;
 
-fn now() -> UnixTime {
-    WallClock::system().now()
-}
-
-fn later(by: Duration) -> UnixTime {
-    UnixTime::since_unix_epoch(Duration::from_secs(now().as_secs() + by.as_secs()))
-}
-
-/// A cluster's three CAs, an agent serving "orders" (labels env=dev) on a real
-/// PostgreSQL, and the audit sink.
+/// A cluster's CAs, an agent serving "orders" (labels env=dev) on a real PostgreSQL, and
+/// the audit sink.
 struct Cluster {
-    user_ca: CertAuthority,
-    host_ca: CertAuthority,
+    cas: TestCluster,
     db: PostgresServer,
     service: Arc<SessionService<RoleMap, LocalDbCa>>,
     audit: mpsc::Receiver<AuditEvent>,
@@ -66,93 +41,22 @@ fn cluster() -> Cluster {
 }
 
 fn cluster_with(handshake_timeout: Duration) -> Cluster {
-    let start = UnixTime::since_unix_epoch(Duration::from_secs(now().as_secs() - 3600));
-    let ca = |kind| CertAuthority::generate(kind, "main", start, 48 * HOUR).unwrap();
-    let (user_ca, host_ca, db_ca) = (ca(CaKind::User), ca(CaKind::Host), ca(CaKind::Db));
-
-    let files = db_ca
-        .sign_db_server(&["localhost".to_owned()], now(), 24 * HOUR)
-        .unwrap();
-    let db = PostgresServer::start(PostgresOptions {
-        tls: Some(ServerTls {
-            cert_pem: files.server_crt,
-            key_pem: files.server_key,
-            client_ca_pem: files.server_cas,
-        }),
+    let cas = TestCluster::new("main");
+    let db = cas.start_postgres(PostgresOptions {
         extra_conf: vec!["log_connections = on".to_owned()],
         ..Default::default()
-    })
-    .unwrap();
+    });
     db.psql(
         "postgres",
         "create role alice login; create table items (id int, name text); grant all on items to alice",
     )
     .unwrap();
-
-    let agent_key = PrivateKey::generate().unwrap();
-    let agent = HostIdentity {
-        host_id: "agent-1".into(),
-        role: HostRole::Agent,
-        cluster: "main".into(),
-        names: vec!["agent-1".into()],
-        expires: later(HOUR),
-    };
-    let agent_cert = host_ca
-        .issue_host(&agent, &agent_key.public_key(), now())
-        .unwrap();
-    let clock = WallClock::system();
-    let tls = mtls_server_config(
-        vec![agent_cert.der().clone()],
-        agent_key.to_rustls(),
-        &[user_ca.trusted().clone()],
-        ring_provider(),
-        Arc::new(clock.clone()),
-    )
-    .unwrap();
-    let orders = ServedDatabase {
-        database: Database {
-            name: "orders".into(),
-            description: String::new(),
-            protocol: Protocol::Postgres,
-            uri: format!("localhost:{}", db.port()),
-            labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
-        },
-        target: PostgresTarget {
-            host: "localhost".into(),
-            port: db.port(),
-            tls: UpstreamTls::new(
-                TlsMode::VerifyFull,
-                db_ca.trusted().to_pem().as_bytes(),
-                None,
-                ring_provider(),
-                Arc::new(clock.clone()),
-            )
-            .unwrap(),
-        },
-    };
-    let config = SessionConfig {
-        cluster: "main".into(),
-        tls,
-        validator: Validator::new([user_ca.trusted().clone()]),
-        databases: vec![orders],
-        limits: Limits::default(),
-        handshake_timeout,
-        connect_timeout: Duration::from_secs(10),
-    };
-    let runtime = Runtime::from_parts(Net::Tokio, clock.clone(), Rng::from_seed(7), PathBuf::new());
-    let roles = RoleMap::new(parse_role_file("roles.toml", ROLES).unwrap());
-    let credentials = LocalDbCa::new(Arc::new(db_ca), clock);
+    let mut config = cas.session_config("agent-1", vec![cas.served_orders(&db)]);
+    config.handshake_timeout = handshake_timeout;
     let (sink, audit) = mpsc::channel(1024);
-    let service = Arc::new(SessionService::new(
-        &runtime,
-        config,
-        roles,
-        credentials,
-        sink,
-    ));
+    let service = cas.session_service(&cas.runtime(7), config, ROLES, cas.local_db_ca(), sink);
     Cluster {
-        user_ca,
-        host_ca,
+        cas,
         db,
         service,
         audit,
@@ -191,51 +95,9 @@ impl Cluster {
         tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
         JoinHandle<Result<SessionEnd, SessionError>>,
     ) {
-        let (proxy_end, agent) = self.open_channel(database);
-        let key = PrivateKey::generate().unwrap();
-        let cert = self
-            .user_ca
-            .issue_identity(identity, &key.public_key(), now())
-            .unwrap();
-        let tls = mtls_client_config(
-            vec![cert.der().clone()],
-            key.to_rustls(),
-            &[self.host_ca.trusted().clone()],
-            ring_provider(),
-            Arc::new(WallClock::system()),
-        )
-        .unwrap();
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(ServerName::try_from("agent-1").unwrap(), proxy_end)
-            .await
-            .unwrap();
+        let (proxy_end, agent) = open_channel(&self.service, database);
+        let stream = self.cas.tls_to_agent(proxy_end, identity, "agent-1").await;
         (stream, agent)
-    }
-
-    /// A channel for `database` being served: the proxy's end and the agent's task.
-    fn open_channel(
-        &self,
-        database: &str,
-    ) -> (
-        tokio::io::DuplexStream,
-        JoinHandle<Result<SessionEnd, SessionError>>,
-    ) {
-        // Smaller than the long query below and its answer: TLS records must not stall
-        // in a full channel.
-        let (proxy_end, agent_end) = tokio::io::duplex(64 * 1024);
-        let service = self.service.clone();
-        let channel = IncomingChannel {
-            proxy: "proxy-1".into(),
-            database: database.into(),
-            client_addr: "203.0.113.7".into(),
-            client_port: 50123,
-            kind: Default::default(),
-            connection: Connection::new(agent_end),
-        };
-        (
-            proxy_end,
-            tokio::spawn(async move { service.serve(channel).await }),
-        )
     }
 
     /// Plays the proxy: opens a channel for `database`, TLS with a certificate for
@@ -520,7 +382,7 @@ async fn database_refusal_reaches_the_client_with_its_sqlstate() {
 async fn stalled_proxies_are_cut_off_at_the_handshake_timeout() {
     let mut cluster = cluster_with(Duration::from_millis(500));
 
-    let (_silent, agent) = cluster.open_channel("orders");
+    let (_silent, agent) = open_channel(&cluster.service, "orders");
     let error = agent.await.unwrap().unwrap_err();
     assert!(
         matches!(error, SessionError::HandshakeTimeout { .. }),

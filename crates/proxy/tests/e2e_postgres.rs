@@ -3,121 +3,44 @@
 //! PostgreSQL that accepts only certificates from Postern's database CA.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_agent::session::{LocalDbCa, RoleMap, ServedDatabase, SessionConfig, SessionService};
-use postern_agent::upstream::postgres::PostgresTarget;
-use postern_agent::upstream::{TlsMode, UpstreamTls};
+use postern_agent::session::{LocalDbCa, RoleMap, SessionService};
 use postern_auth::audit::AuditEvent;
-use postern_auth::database::{Database, Protocol};
 use postern_pki::tls::ring_provider;
-use postern_pki::{
-    CaKind, CertAuthority, DbProtocol, DbRoute, HostIdentity, HostRole, Identity, PrivateKey,
-    UnixTime, Usage, Validator, VerifiedIdentity,
-};
+use postern_pki::{DbProtocol, DbRoute, Identity, Usage, Validator};
 use postern_proxy::client_auth::server_config;
-use postern_proxy::dispatch::{DbAccessSigner, Dispatcher};
+use postern_proxy::dispatch::Dispatcher;
 use postern_proxy::postgres::{ALPN_PROTOCOLS, Accepted, FrontDoor};
 use postern_rt::{Net, Rng, Runtime, WallClock};
-use postern_testkit::{PostgresOptions, PostgresServer, ServerTls};
-use postern_tunnel::{Agent, AgentConfig, IncomingChannel, ProxyConfig, ProxyTunnels};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use postern_test_cluster::{DEV_ROLE, LocalSigner, TestCluster, at};
+use postern_testkit::PostgresServer;
+use postern_tunnel::{IncomingChannel, ProxyTunnels};
 use tokio::sync::{Mutex, mpsc};
 
-const HOUR: Duration = Duration::from_secs(3600);
-
-fn now() -> UnixTime {
-    WallClock::system().now()
-}
-
-fn at(offset_secs: i64) -> UnixTime {
-    UnixTime::since_unix_epoch(Duration::from_secs(
-        now().as_secs().saturating_add_signed(offset_secs),
-    ))
-}
-
-/// The cluster's three CAs.
-struct Cluster {
-    user_ca: CertAuthority,
-    host_ca: CertAuthority,
-    db_ca: CertAuthority,
-    dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn new() -> Self {
-        let start = at(-3600);
-        Self {
-            user_ca: CertAuthority::generate(CaKind::User, "e2e", start, 48 * HOUR).unwrap(),
-            host_ca: CertAuthority::generate(CaKind::Host, "e2e", start, 48 * HOUR).unwrap(),
-            db_ca: CertAuthority::generate(CaKind::Db, "e2e", start, 48 * HOUR).unwrap(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn host(&self, id: &str, role: HostRole, names: &[&str]) -> HostIdentity {
-        HostIdentity {
-            host_id: id.to_owned(),
-            role,
-            cluster: "e2e".to_owned(),
-            names: names.iter().map(|n| (*n).to_owned()).collect(),
-            expires: at(24 * 3600),
-        }
-    }
-
-    /// A user certificate routed to `service` as db user `db_user`, written for psql.
-    fn user_cert(&self, service: &str, db_user: &str) -> (PathBuf, PathBuf) {
-        let key = PrivateKey::generate().unwrap();
-        let identity = Identity {
-            user: "alice".to_owned(),
-            roles: vec!["dev".to_owned()],
-            traits: BTreeMap::from([("db_users".to_owned(), vec!["alice".to_owned()])]),
-            route: Some(DbRoute {
-                service: service.to_owned(),
-                protocol: DbProtocol::Postgres,
-                db_user: db_user.to_owned(),
-                db_name: "postgres".to_owned(),
-            }),
-            allowed_db_names: vec![],
-            allowed_db_users: vec![],
-            usage: Usage::User,
-            cluster: "e2e".to_owned(),
-            client_ip: None,
-            expires: at(3600),
-        };
-        let cert = self
-            .user_ca
-            .issue_identity(&identity, &key.public_key(), at(-60))
-            .unwrap();
-        let crt = self.dir.path().join(format!("{service}-{db_user}.crt"));
-        let pem = self.dir.path().join(format!("{service}-{db_user}.key"));
-        std::fs::write(&crt, cert.to_pem()).unwrap();
-        std::fs::write(&pem, key.to_pem()).unwrap();
-        std::fs::set_permissions(&pem, std::fs::Permissions::from_mode(0o600)).unwrap();
-        (crt, pem)
-    }
-}
-
-/// Signs proxy→agent certificates with the user CA, as the auth service does.
-struct LocalSigner(Arc<Cluster>);
-
-impl DbAccessSigner for LocalSigner {
-    async fn sign(
-        &self,
-        user: &VerifiedIdentity,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-        let key = PrivateKey::generate().map_err(|e| e.to_string())?;
-        let (_, cert) = self
-            .0
-            .user_ca
-            .issue_db_access(user, &key.public_key(), at(-60), Duration::from_secs(600))
-            .map_err(|e| e.to_string())?;
-        Ok((vec![cert.der().clone()], key.to_rustls()))
-    }
+/// A user certificate for alice routed to `service` as db user `db_user`, written for psql.
+fn user_cert(cluster: &TestCluster, service: &str, db_user: &str) -> (PathBuf, PathBuf) {
+    let identity = Identity {
+        user: "alice".to_owned(),
+        roles: vec!["dev".to_owned()],
+        traits: BTreeMap::from([("db_users".to_owned(), vec!["alice".to_owned()])]),
+        route: Some(DbRoute {
+            service: service.to_owned(),
+            protocol: DbProtocol::Postgres,
+            db_user: db_user.to_owned(),
+            db_name: "postgres".to_owned(),
+        }),
+        allowed_db_names: vec![],
+        allowed_db_users: vec![],
+        usage: Usage::User,
+        cluster: "e2e".to_owned(),
+        client_ip: None,
+        expires: at(3600),
+    };
+    cluster.user_cert_files(&identity, &format!("{service}-{db_user}"))
 }
 
 /// A running system: PostgreSQL, a proxy (tunnel server, front door, dispatcher) and
@@ -166,72 +89,13 @@ type Sessions = Arc<SessionService<RoleMap, LocalDbCa>>;
 /// role "dev": the user's own db users on env=dev databases.
 fn agent_sessions(
     runtime: &Runtime,
-    cluster: &Cluster,
+    cluster: &TestCluster,
     agent_id: &str,
     database: &PostgresServer,
     audit: mpsc::Sender<AuditEvent>,
 ) -> Sessions {
-    let roles = postern_auth::role::parse_role_file(
-        "roles.toml",
-        "[[role]]\nname = \"dev\"\nallow.db_labels = { env = \"dev\" }\nallow.db_users = [\"{{internal.db_users}}\"]\nallow.db_names = [\"*\"]\n",
-    )
-    .unwrap();
-    let agent_key = PrivateKey::generate().unwrap();
-    let agent_cert = cluster
-        .host_ca
-        .issue_host(
-            &cluster.host(agent_id, HostRole::Agent, &[agent_id]),
-            &agent_key.public_key(),
-            at(-60),
-        )
-        .unwrap();
-    let tls = postern_pki::tls::mtls_server_config(
-        vec![agent_cert.der().clone()],
-        agent_key.to_rustls(),
-        &[cluster.user_ca.trusted().clone()],
-        ring_provider(),
-        Arc::new(WallClock::system()),
-    )
-    .unwrap();
-    let target = PostgresTarget {
-        host: "localhost".to_owned(),
-        port: database.port(),
-        tls: UpstreamTls::new(
-            TlsMode::VerifyFull,
-            cluster.db_ca.trusted().to_pem().as_bytes(),
-            None,
-            ring_provider(),
-            Arc::new(WallClock::system()),
-        )
-        .unwrap(),
-    };
-    let served = ServedDatabase {
-        database: Database {
-            name: "orders".to_owned(),
-            description: "orders database".to_owned(),
-            protocol: Protocol::Postgres,
-            uri: format!("localhost:{}", database.port()),
-            labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
-        },
-        target,
-    };
-    let config = SessionConfig {
-        cluster: "e2e".to_owned(),
-        tls,
-        validator: Validator::new([cluster.user_ca.trusted().clone()]),
-        databases: vec![served],
-        limits: Default::default(),
-        handshake_timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(10),
-    };
-    let db_ca = Arc::new(CertAuthority::from_pem(&cluster.db_ca.to_pem().unwrap()).unwrap());
-    Arc::new(SessionService::new(
-        runtime,
-        config,
-        RoleMap::new(roles),
-        LocalDbCa::new(db_ca, WallClock::system()),
-        audit,
-    ))
+    let config = cluster.session_config(agent_id, vec![cluster.served_orders(database)]);
+    cluster.session_service(runtime, config, DEV_ROLE, cluster.local_db_ca(), audit)
 }
 
 /// One channel: the agent's session from TLS to the end of the relay.
@@ -239,46 +103,15 @@ async fn serve_agent_channel(sessions: &Sessions, channel: IncomingChannel) {
     let _ = sessions.serve(channel).await;
 }
 
-async fn start_system(cluster: Arc<Cluster>, agent_ids: &[&str]) -> System {
+async fn start_system(cluster: Arc<TestCluster>, agent_ids: &[&str]) -> System {
     // The database: TLS from the db CA, client certificates from the db CA only.
-    let files = cluster
-        .db_ca
-        .sign_db_server(&["localhost".to_owned()], at(-60), 24 * HOUR)
-        .unwrap();
-    let database = PostgresServer::start(PostgresOptions {
-        tls: Some(ServerTls {
-            cert_pem: files.server_crt,
-            key_pem: files.server_key,
-            client_ca_pem: files.server_cas,
-        }),
-        ..Default::default()
-    })
-    .unwrap();
+    let database = cluster.start_postgres(Default::default());
     database.psql("postgres", "create role alice login; create table notes (id int, body text); grant all on notes to alice").unwrap();
 
-    let runtime = Runtime::from_parts(
-        Net::Tokio,
-        WallClock::system(),
-        Rng::from_seed(7),
-        cluster.dir.path().to_owned(),
-    );
-    let ca_ssh_keys = vec![cluster.host_ca.ssh_public_key().unwrap()];
+    let runtime = cluster.runtime(7);
 
     // Proxy: the tunnel server agents dial.
-    let proxy_ssh_key = postern_pki::ssh::generate_ssh_key().unwrap();
-    let proxy_ssh_cert = cluster
-        .host_ca
-        .issue_ssh_host_cert(
-            &cluster.host("proxy-1", HostRole::Proxy, &["localhost"]),
-            proxy_ssh_key.public_key(),
-            at(-60),
-        )
-        .unwrap();
-    let tunnels = ProxyTunnels::new(
-        &runtime,
-        ProxyConfig::new(proxy_ssh_key, proxy_ssh_cert, ca_ssh_keys.clone()),
-    )
-    .unwrap();
+    let tunnels: ProxyTunnels = cluster.proxy_tunnels(&runtime);
     let tunnel_listener = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
     let tunnel_port = tunnel_listener.local_addr().unwrap().port();
     tokio::spawn({
@@ -287,15 +120,7 @@ async fn start_system(cluster: Arc<Cluster>, agent_ids: &[&str]) -> System {
     });
 
     // Proxy: the PostgreSQL front door and the dispatcher.
-    let host_key = PrivateKey::generate().unwrap();
-    let host_cert = cluster
-        .host_ca
-        .issue_host(
-            &cluster.host("proxy-1", HostRole::Proxy, &["localhost"]),
-            &host_key.public_key(),
-            at(-60),
-        )
-        .unwrap();
+    let (host_cert, host_key) = cluster.proxy_host_cert();
     let clock = WallClock::system();
     let tls = server_config(
         &host_cert,
@@ -335,30 +160,12 @@ async fn start_system(cluster: Arc<Cluster>, agent_ids: &[&str]) -> System {
     let (audit_tx, audit_rx) = mpsc::channel(1024);
     let mut agents = Vec::new();
     for agent_id in agent_ids {
-        let agent_ssh_key = postern_pki::ssh::generate_ssh_key().unwrap();
-        let agent_ssh_cert = cluster
-            .host_ca
-            .issue_ssh_user_cert(
-                &cluster.host(agent_id, HostRole::Agent, &[]),
-                agent_ssh_key.public_key(),
-                at(-60),
-            )
-            .unwrap();
-        let databases = tokio::sync::watch::channel(vec!["orders".to_owned()]).1;
-        let config = AgentConfig::new(
-            (*agent_id).to_owned(),
-            agent_ssh_key,
-            agent_ssh_cert,
-            ca_ssh_keys.clone(),
-            databases,
+        let (tunnel_task, mut channels) = cluster.start_agent_tunnel(
+            &runtime,
+            agent_id,
+            vec!["orders".to_owned()],
+            format!("localhost:{tunnel_port}"),
         );
-        let (agent, mut channels) = Agent::new(&runtime, config).unwrap();
-        let (proxies_tx, proxies) =
-            tokio::sync::watch::channel(vec![format!("localhost:{tunnel_port}")]);
-        let tunnel_task = tokio::spawn(async move {
-            let _keep = proxies_tx;
-            agent.run(proxies).await;
-        });
         let sessions = agent_sessions(&runtime, &cluster, agent_id, &database, audit_tx.clone());
         let session_task = tokio::spawn(async move {
             let mut running = tokio::task::JoinSet::new();
@@ -394,7 +201,7 @@ async fn start_system(cluster: Arc<Cluster>, agent_ids: &[&str]) -> System {
 /// Runs the real psql through the proxy with `sql` as its script (meta-commands such as
 /// `\\copy` on lines of their own); returns (success, stdout, stderr).
 async fn psql(
-    cluster: &Cluster,
+    cluster: &TestCluster,
     port: u16,
     cert: (PathBuf, PathBuf),
     db_user: &str,
@@ -451,9 +258,9 @@ async fn psql(
 // statement is in the audit log with the session's user and db user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_reaches_postgres_through_proxy_and_tunnel_and_is_audited() {
-    let cluster = Arc::new(Cluster::new());
+    let cluster = Arc::new(TestCluster::new("e2e"));
     let system = start_system(cluster.clone(), &["agent-1"]).await;
-    let cert = cluster.user_cert("orders", "alice");
+    let cert = user_cert(&cluster, "orders", "alice");
 
     let (ok, out, err) = psql(
         &cluster,
@@ -511,9 +318,9 @@ async fn psql_reaches_postgres_through_proxy_and_tunnel_and_is_audited() {
 // PostgreSQL; psql shows the access decision's reason, and the refusal is audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn db_user_outside_the_roles_is_refused_before_the_database() {
-    let cluster = Arc::new(Cluster::new());
+    let cluster = Arc::new(TestCluster::new("e2e"));
     let system = start_system(cluster.clone(), &["agent-1"]).await;
-    let cert = cluster.user_cert("orders", "postgres");
+    let cert = user_cert(&cluster, "orders", "postgres");
 
     let (ok, _, err) = psql(&cluster, system.front_port, cert, "postgres", "select 1").await;
     assert!(!ok);
@@ -538,9 +345,9 @@ async fn db_user_outside_the_roles_is_refused_before_the_database() {
 // through the other, without the user doing anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connections_fail_over_to_the_surviving_agent() {
-    let cluster = Arc::new(Cluster::new());
+    let cluster = Arc::new(TestCluster::new("e2e"));
     let mut system = start_system(cluster.clone(), &["agent-1", "agent-2"]).await;
-    let cert = cluster.user_cert("orders", "alice");
+    let cert = user_cert(&cluster, "orders", "alice");
     let (ok, out, err) = psql(
         &cluster,
         system.front_port,
@@ -580,9 +387,9 @@ async fn new_connections_fail_over_to_the_surviving_agent() {
 // and the agent, with the COPY statements audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_and_copy_both_ways_pass_through() {
-    let cluster = Arc::new(Cluster::new());
+    let cluster = Arc::new(TestCluster::new("e2e"));
     let system = start_system(cluster.clone(), &["agent-1"]).await;
-    let cert = cluster.user_cert("orders", "alice");
+    let cert = user_cert(&cluster, "orders", "alice");
     let rows = cluster.dir.path().join("rows.csv");
     std::fs::write(
         &rows,

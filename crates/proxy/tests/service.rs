@@ -3,158 +3,45 @@
 //! agent → a real PostgreSQL 15 that accepts only client certificates (`hostssl … cert`).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use postern_agent::cancel::{CANCEL_TIMEOUT_DEFAULT, serve_cancel};
-use postern_agent::session::{LocalDbCa, RoleMap, ServedDatabase, SessionConfig, SessionService};
-use postern_agent::upstream::postgres::PostgresTarget;
-use postern_agent::upstream::{TlsMode, UpstreamTls};
 use postern_auth::audit::AuditEvent;
-use postern_auth::database::{Database, Protocol};
-use postern_pki::tls::{mtls_client_config, ring_provider};
-use postern_pki::{
-    CaKind, CertAuthority, DbProtocol, DbRoute, HostIdentity, HostRole, Identity, PrivateKey,
-    UnixTime, Usage, Validator, VerifiedIdentity,
-};
-use postern_proxy::dispatch::DbAccessSigner;
+use postern_pki::tls::ring_provider;
+use postern_pki::{DbProtocol, DbRoute, HostRole, Identity, PrivateKey, Usage, Validator};
 use postern_proxy::service::ALPN_POSTERN_POSTGRES;
-use postern_proxy::{Listen, LocalAddrs, ProxyLimits, ProxyService, ProxyServiceConfig};
-use postern_rt::{Net, Rng, Runtime, WallClock};
-use postern_testkit::{PostgresOptions, PostgresServer, ServerTls};
-use postern_tunnel::{Agent, AgentConfig, ChannelKind};
+use postern_proxy::{Listen, LocalAddrs, ProxyLimits, ProxyService};
+use postern_rt::Net;
+use postern_test_cluster::{DEV_ROLE, LocalSigner, TestCluster, at, now};
+use postern_testkit::PostgresServer;
+use postern_tunnel::ChannelKind;
 use prometheus_client::registry::Registry;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-const HOUR: Duration = Duration::from_secs(3600);
-
-fn now() -> UnixTime {
-    WallClock::system().now()
-}
-
-fn at(offset_secs: i64) -> UnixTime {
-    UnixTime::since_unix_epoch(Duration::from_secs(
-        now().as_secs().saturating_add_signed(offset_secs),
-    ))
-}
-
-/// The cluster's three CAs and a folder for key files.
-struct Cluster {
-    user_ca: CertAuthority,
-    host_ca: CertAuthority,
-    db_ca: CertAuthority,
-    dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn new() -> Self {
-        let start = at(-3600);
-        Self {
-            user_ca: CertAuthority::generate(CaKind::User, "svc", start, 48 * HOUR).unwrap(),
-            host_ca: CertAuthority::generate(CaKind::Host, "svc", start, 48 * HOUR).unwrap(),
-            db_ca: CertAuthority::generate(CaKind::Db, "svc", start, 48 * HOUR).unwrap(),
-            dir: tempfile::tempdir().unwrap(),
-        }
+/// Alice, role dev, routed to "orders" as db user alice.
+fn alice() -> Identity {
+    Identity {
+        user: "alice".to_owned(),
+        roles: vec!["dev".to_owned()],
+        traits: BTreeMap::from([("db_users".to_owned(), vec!["alice".to_owned()])]),
+        route: Some(DbRoute {
+            service: "orders".to_owned(),
+            protocol: DbProtocol::Postgres,
+            db_user: "alice".to_owned(),
+            db_name: "postgres".to_owned(),
+        }),
+        allowed_db_names: vec![],
+        allowed_db_users: vec![],
+        usage: Usage::User,
+        cluster: "svc".to_owned(),
+        client_ip: None,
+        expires: at(3600),
     }
-
-    fn host(&self, id: &str, role: HostRole, names: &[&str]) -> HostIdentity {
-        HostIdentity {
-            host_id: id.to_owned(),
-            role,
-            cluster: "svc".to_owned(),
-            names: names.iter().map(|n| (*n).to_owned()).collect(),
-            expires: at(24 * 3600),
-        }
-    }
-
-    /// A user certificate for alice routed to "orders" as db user alice: (cert, key).
-    fn user_cert(&self) -> (postern_pki::IssuedCert, PrivateKey) {
-        let key = PrivateKey::generate().unwrap();
-        let identity = Identity {
-            user: "alice".to_owned(),
-            roles: vec!["dev".to_owned()],
-            traits: BTreeMap::from([("db_users".to_owned(), vec!["alice".to_owned()])]),
-            route: Some(DbRoute {
-                service: "orders".to_owned(),
-                protocol: DbProtocol::Postgres,
-                db_user: "alice".to_owned(),
-                db_name: "postgres".to_owned(),
-            }),
-            allowed_db_names: vec![],
-            allowed_db_users: vec![],
-            usage: Usage::User,
-            cluster: "svc".to_owned(),
-            client_ip: None,
-            expires: at(3600),
-        };
-        let cert = self
-            .user_ca
-            .issue_identity(&identity, &key.public_key(), at(-60))
-            .unwrap();
-        (cert, key)
-    }
-
-    /// The user certificate written to files for psql: (cert, key).
-    fn user_cert_files(&self) -> (PathBuf, PathBuf) {
-        let (cert, key) = self.user_cert();
-        let crt = self.dir.path().join("alice.crt");
-        let pem = self.dir.path().join("alice.key");
-        std::fs::write(&crt, cert.to_pem()).unwrap();
-        std::fs::write(&pem, key.to_pem()).unwrap();
-        std::fs::set_permissions(&pem, std::fs::Permissions::from_mode(0o600)).unwrap();
-        (crt, pem)
-    }
-
-    /// TLS settings of a client holding alice's certificate that trusts the host CA.
-    fn client_tls(&self, alpn: Option<&[u8]>) -> tokio_rustls::TlsConnector {
-        let (cert, key) = self.user_cert();
-        let config = mtls_client_config(
-            vec![cert.der().clone()],
-            key.to_rustls(),
-            &[self.host_ca.trusted().clone()],
-            ring_provider(),
-            Arc::new(WallClock::system()),
-        )
-        .unwrap();
-        let mut config = (*config).clone();
-        if let Some(alpn) = alpn {
-            config.alpn_protocols = vec![alpn.to_vec()];
-        }
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    }
-}
-
-/// Signs proxy→agent certificates with the user CA, as the auth service does.
-struct LocalSigner(Arc<Cluster>);
-
-impl DbAccessSigner for LocalSigner {
-    async fn sign(
-        &self,
-        user: &VerifiedIdentity,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-        let key = PrivateKey::generate().map_err(|e| e.to_string())?;
-        let (_, cert) = self
-            .0
-            .user_ca
-            .issue_db_access(user, &key.public_key(), at(-60), Duration::from_secs(600))
-            .map_err(|e| e.to_string())?;
-        Ok((vec![cert.der().clone()], key.to_rustls()))
-    }
-}
-
-fn runtime(cluster: &Cluster, seed: u64) -> Runtime {
-    Runtime::from_parts(
-        Net::Tokio,
-        WallClock::system(),
-        Rng::from_seed(seed),
-        cluster.dir.path().to_owned(),
-    )
 }
 
 /// A running proxy service and the way to stop it.
@@ -175,44 +62,14 @@ impl RunningProxy {
 
 /// Starts a proxy service on `listen` (port 0 picks free ports).
 async fn start_proxy(
-    cluster: &Arc<Cluster>,
+    cluster: &Arc<TestCluster>,
     listen: Listen,
     auth_api_addr: Option<String>,
     limits: ProxyLimits,
 ) -> RunningProxy {
-    let host_key = PrivateKey::generate().unwrap();
-    let host_cert = cluster
-        .host_ca
-        .issue_host(
-            &cluster.host("proxy-1", HostRole::Proxy, &["localhost"]),
-            &host_key.public_key(),
-            at(-60),
-        )
-        .unwrap();
-    let ssh_key = postern_pki::ssh::generate_ssh_key().unwrap();
-    let ssh_cert = cluster
-        .host_ca
-        .issue_ssh_host_cert(
-            &cluster.host("proxy-1", HostRole::Proxy, &["localhost"]),
-            ssh_key.public_key(),
-            at(-60),
-        )
-        .unwrap();
-    let config = ProxyServiceConfig {
-        cluster: "svc".to_owned(),
-        listen,
-        auth_api_addr,
-        host_cert,
-        host_key,
-        ssh_key,
-        ssh_cert,
-        user_cas: vec![cluster.user_ca.trusted().clone()],
-        host_cas: vec![cluster.host_ca.trusted().clone()],
-        host_ca_ssh_keys: vec![cluster.host_ca.ssh_public_key().unwrap()],
-        limits,
-    };
+    let config = cluster.proxy_config(listen, auth_api_addr, limits);
     let mut proxy =
-        ProxyService::new(&runtime(cluster, 5), config, LocalSigner(cluster.clone())).unwrap();
+        ProxyService::new(&cluster.runtime(5), config, LocalSigner(cluster.clone())).unwrap();
     let mut registry = Registry::default();
     proxy.register_metrics(&mut registry);
     let addrs = proxy.bind().await.unwrap();
@@ -242,20 +99,8 @@ fn any_port() -> Listen {
 }
 
 /// PostgreSQL with client-cert auth, and alice with a table.
-fn start_database(cluster: &Cluster) -> PostgresServer {
-    let files = cluster
-        .db_ca
-        .sign_db_server(&["localhost".to_owned()], at(-60), 24 * HOUR)
-        .unwrap();
-    let database = PostgresServer::start(PostgresOptions {
-        tls: Some(ServerTls {
-            cert_pem: files.server_crt,
-            key_pem: files.server_key,
-            client_ca_pem: files.server_cas,
-        }),
-        ..Default::default()
-    })
-    .unwrap();
+fn start_database(cluster: &TestCluster) -> PostgresServer {
+    let database = cluster.start_postgres(Default::default());
     database
         .psql(
             "postgres",
@@ -268,97 +113,19 @@ fn start_database(cluster: &Cluster) -> PostgresServer {
 /// One agent serving "orders": sessions through `SessionService`, cancel channels
 /// through `serve_cancel`. Audit events go to the returned receiver.
 fn start_agent(
-    cluster: &Arc<Cluster>,
+    cluster: &Arc<TestCluster>,
     database: &PostgresServer,
     tunnel_addr: String,
 ) -> (mpsc::Receiver<AuditEvent>, Vec<JoinHandle<()>>) {
-    let runtime = runtime(cluster, 9);
-    let roles = postern_auth::role::parse_role_file(
-        "roles.toml",
-        "[[role]]\nname = \"dev\"\nallow.db_labels = { env = \"dev\" }\nallow.db_users = [\"{{internal.db_users}}\"]\nallow.db_names = [\"*\"]\n",
-    )
-    .unwrap();
-    let agent_key = PrivateKey::generate().unwrap();
-    let agent_cert = cluster
-        .host_ca
-        .issue_host(
-            &cluster.host("agent-1", HostRole::Agent, &["agent-1"]),
-            &agent_key.public_key(),
-            at(-60),
-        )
-        .unwrap();
-    let tls = postern_pki::tls::mtls_server_config(
-        vec![agent_cert.der().clone()],
-        agent_key.to_rustls(),
-        &[cluster.user_ca.trusted().clone()],
-        ring_provider(),
-        Arc::new(WallClock::system()),
-    )
-    .unwrap();
-    let served = ServedDatabase {
-        database: Database {
-            name: "orders".to_owned(),
-            description: "orders database".to_owned(),
-            protocol: Protocol::Postgres,
-            uri: format!("localhost:{}", database.port()),
-            labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
-        },
-        target: PostgresTarget {
-            host: "localhost".to_owned(),
-            port: database.port(),
-            tls: UpstreamTls::new(
-                TlsMode::VerifyFull,
-                cluster.db_ca.trusted().to_pem().as_bytes(),
-                None,
-                ring_provider(),
-                Arc::new(WallClock::system()),
-            )
-            .unwrap(),
-        },
-    };
+    let runtime = cluster.runtime(9);
+    let served = cluster.served_orders(database);
     let databases = Arc::new(vec![served.clone()]);
-    let config = SessionConfig {
-        cluster: "svc".to_owned(),
-        tls,
-        validator: Validator::new([cluster.user_ca.trusted().clone()]),
-        databases: vec![served],
-        limits: Default::default(),
-        handshake_timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(10),
-    };
-    let db_ca = Arc::new(CertAuthority::from_pem(&cluster.db_ca.to_pem().unwrap()).unwrap());
+    let config = cluster.session_config("agent-1", vec![served]);
     let (audit_tx, audit_rx) = mpsc::channel(4096);
-    let sessions = Arc::new(SessionService::new(
-        &runtime,
-        config,
-        RoleMap::new(roles),
-        LocalDbCa::new(db_ca, WallClock::system()),
-        audit_tx,
-    ));
-
-    let agent_ssh_key = postern_pki::ssh::generate_ssh_key().unwrap();
-    let agent_ssh_cert = cluster
-        .host_ca
-        .issue_ssh_user_cert(
-            &cluster.host("agent-1", HostRole::Agent, &[]),
-            agent_ssh_key.public_key(),
-            at(-60),
-        )
-        .unwrap();
-    let announced = tokio::sync::watch::channel(vec!["orders".to_owned()]).1;
-    let config = AgentConfig::new(
-        "agent-1".to_owned(),
-        agent_ssh_key,
-        agent_ssh_cert,
-        vec![cluster.host_ca.ssh_public_key().unwrap()],
-        announced,
-    );
-    let (agent, mut channels) = Agent::new(&runtime, config).unwrap();
-    let (proxies_tx, proxies) = tokio::sync::watch::channel(vec![tunnel_addr]);
-    let tunnel_task = tokio::spawn(async move {
-        let _keep = proxies_tx;
-        agent.run(proxies).await;
-    });
+    let sessions =
+        cluster.session_service(&runtime, config, DEV_ROLE, cluster.local_db_ca(), audit_tx);
+    let (tunnel_task, mut channels) =
+        cluster.start_agent_tunnel(&runtime, "agent-1", vec!["orders".to_owned()], tunnel_addr);
     let net = *runtime.net();
     let channel_task = tokio::spawn(async move {
         let mut running = tokio::task::JoinSet::new();
@@ -378,7 +145,7 @@ fn start_agent(
 }
 
 /// Waits until the proxy at `addrs` has the agent's tunnel for "orders" (via a query).
-async fn until_routable(cluster: &Cluster, addrs: &LocalAddrs, within: Duration) -> bool {
+async fn until_routable(cluster: &TestCluster, addrs: &LocalAddrs, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;
     while tokio::time::Instant::now() < deadline {
         if let Ok((client, _conn)) = try_pg_client(cluster, addrs.postgres.port()).await
@@ -394,7 +161,7 @@ async fn until_routable(cluster: &Cluster, addrs: &LocalAddrs, within: Duration)
 /// tokio-postgres through the proxy's PostgreSQL port: SSLRequest, TLS with alice's
 /// certificate (verify-full against the host CA), then the driver's start-up.
 async fn try_pg_client(
-    cluster: &Cluster,
+    cluster: &TestCluster,
     port: u16,
 ) -> Result<(tokio_postgres::Client, JoinHandle<()>), String> {
     let mut tcp = Net::Tokio
@@ -412,7 +179,7 @@ async fn try_pg_client(
         return Err(format!("proxy answered {:?} to SSLRequest", answer[0]));
     }
     let tls = cluster
-        .client_tls(None)
+        .client_tls(&alice(), None)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .map_err(|e| e.to_string())?;
@@ -439,10 +206,10 @@ where
     Ok((client, task))
 }
 
-fn conninfo(cluster: &Cluster, port: u16) -> String {
+fn conninfo(cluster: &TestCluster, port: u16) -> String {
     let ca = cluster.dir.path().join("host-ca.crt");
     std::fs::write(&ca, cluster.host_ca.trusted().to_pem()).unwrap();
-    let (crt, key) = cluster.user_cert_files();
+    let (crt, key) = cluster.user_cert_files(&alice(), "alice");
     format!(
         "host=localhost port={port} user=alice dbname=postgres sslmode=verify-full sslrootcert={} sslcert={} sslkey={} connect_timeout=10",
         ca.display(),
@@ -452,7 +219,7 @@ fn conninfo(cluster: &Cluster, port: u16) -> String {
 }
 
 /// Real psql running `sql`: (success, stdout, stderr).
-async fn psql(cluster: &Cluster, port: u16, sql: &str) -> (bool, String, String) {
+async fn psql(cluster: &TestCluster, port: u16, sql: &str) -> (bool, String, String) {
     let conninfo = conninfo(cluster, port);
     let sql = sql.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -496,7 +263,7 @@ fn drain_audit(audit: &mut mpsc::Receiver<AuditEvent>) -> Vec<String> {
 
 /// A system: database, proxy service, one agent.
 struct System {
-    cluster: Arc<Cluster>,
+    cluster: Arc<TestCluster>,
     database: PostgresServer,
     proxy: RunningProxy,
     audit: mpsc::Receiver<AuditEvent>,
@@ -504,7 +271,7 @@ struct System {
 }
 
 async fn start_system(limits: ProxyLimits, auth_api_addr: Option<String>) -> System {
-    let cluster = Arc::new(Cluster::new());
+    let cluster = Arc::new(TestCluster::new("svc"));
     let database = start_database(&cluster);
     let proxy = start_proxy(&cluster, any_port(), auth_api_addr, limits).await;
     let (audit, agent) = start_agent(
@@ -696,7 +463,7 @@ async fn unknown_cancel_keys_are_dropped() {
 }
 
 /// A TLS server standing in for the auth API: answers one HTTP request per connection.
-async fn fake_auth_api(cluster: &Cluster) -> (String, JoinHandle<()>) {
+async fn fake_auth_api(cluster: &TestCluster) -> (String, JoinHandle<()>) {
     let key = PrivateKey::generate().unwrap();
     let cert = cluster
         .host_ca
@@ -747,7 +514,7 @@ async fn fake_auth_api(cluster: &Cluster) -> (String, JoinHandle<()>) {
 // to end (the client sees the auth API's certificate, not the proxy's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_port_routes_postgres_by_alpn_and_passes_the_rest_through() {
-    let cluster = Arc::new(Cluster::new());
+    let cluster = Arc::new(TestCluster::new("svc"));
     let (api_addr, _api) = fake_auth_api(&cluster).await;
     let database = start_database(&cluster);
     let proxy = start_proxy(&cluster, any_port(), Some(api_addr), ProxyLimits::default()).await;
@@ -762,7 +529,7 @@ async fn web_port_routes_postgres_by_alpn_and_passes_the_rest_through() {
     // PostgreSQL over the web port: TLS with ALPN postern-postgres, then the driver.
     let tcp = Net::Tokio.connect(&web.to_string()).await.unwrap();
     let tls = cluster
-        .client_tls(Some(ALPN_POSTERN_POSTGRES))
+        .client_tls(&alice(), Some(ALPN_POSTERN_POSTGRES))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
