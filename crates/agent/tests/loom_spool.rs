@@ -4,9 +4,11 @@
 // nothing. Run: RUSTFLAGS="--cfg postern_loom" cargo test -p postern-agent --test loom_spool --release
 #![cfg(postern_loom)]
 
-use loom::sync::Arc;
-use loom::sync::atomic::{AtomicU64, Ordering};
+use std::pin::pin;
+use std::task::{Context, Poll, Wake, Waker};
+
 use loom::sync::mpsc;
+use loom::sync::{Arc, Mutex};
 use postern_agent::spool::{Spool, encode_record};
 use postern_auth::audit::AuditEvent;
 use postern_rt::Rng;
@@ -28,6 +30,28 @@ fn record_len(event: &AuditEvent) -> u64 {
     record.len() as u64
 }
 
+/// Wakes a loom thread parked in [`block_on`].
+struct Unpark(loom::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Polls `future` on this loom thread, parking between polls.
+fn block_on<F: Future>(future: F) -> F::Output {
+    let waker = Waker::from(std::sync::Arc::new(Unpark(loom::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        loom::thread::park();
+    }
+}
+
 #[test]
 fn append_ship_ack_and_durable_wakeups() {
     let mut model = loom::model::Builder::new();
@@ -39,8 +63,9 @@ fn append_ship_ack_and_durable_wakeups() {
         let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
         let durable = spool.gate().durable();
         let (queue, queued) = mpsc::channel::<AuditEvent>();
-        // Bytes the shipper acknowledged (counted before the ack takes them off `size`).
-        let acked = Arc::new(AtomicU64::new(0));
+        // Bytes the shipper acknowledged, counted with the ack under one lock so that a
+        // session reads the two as one.
+        let acked = Arc::new(Mutex::new(0u64));
         let rng = Rng::from_seed(3);
 
         let sessions: Vec<_> = (0..SESSIONS)
@@ -54,9 +79,17 @@ fn append_ship_ack_and_durable_wakeups() {
                     let len = record_len(&event);
                     let wait = durable.wait_for(&event.id).unwrap();
                     queue.send(event).unwrap();
-                    loom::future::block_on(wait.wait()).expect("the writer runs");
+                    block_on(wait.wait()).expect("the writer runs");
+                    // The wake-up travels through tokio's oneshot, whose atomics loom does
+                    // not see; passing through the waiters' lock (which the writer held
+                    // while waking) gives loom the happens-before the oneshot gives the
+                    // real program.
+                    drop(durable.wait_for("sync point").unwrap());
                     // Woken: the event is on disk (still spooled, or shipped and acked).
-                    let held = spool.size() + acked.load(Ordering::SeqCst);
+                    let held = {
+                        let acked = acked.lock().unwrap();
+                        spool.size() + *acked
+                    };
                     assert!(held >= len, "woken with {held} of {len} bytes written");
                 })
             })
@@ -67,12 +100,15 @@ fn append_ship_ack_and_durable_wakeups() {
             let spool = Arc::clone(&spool);
             loom::thread::spawn(move || {
                 // Everything queued so far in one commit (group commit), until every
-                // session's sender is gone.
-                while let Ok(first) = queued.recv() {
-                    let mut batch = vec![first];
+                // session's event is written. (loom's channel does not report senders
+                // gone, so the writer counts.)
+                let mut written = 0;
+                while written < SESSIONS {
+                    let mut batch = vec![queued.recv().unwrap()];
                     while let Ok(more) = queued.try_recv() {
                         batch.push(more);
                     }
+                    written += batch.len();
                     spool.commit(&batch).unwrap();
                 }
             })
@@ -85,7 +121,8 @@ fn append_ship_ack_and_durable_wakeups() {
                 let (events, ticket) = spool.next_batch(10).unwrap();
                 if !events.is_empty() {
                     let bytes: u64 = events.iter().map(record_len).sum();
-                    acked.fetch_add(bytes, Ordering::SeqCst);
+                    let mut acked = acked.lock().unwrap();
+                    *acked += bytes;
                     spool.ack(ticket).unwrap();
                 }
                 events.len()
