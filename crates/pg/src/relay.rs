@@ -75,27 +75,23 @@ pub struct Relay {
     client: Stream,
     server: Stream,
     /// Requests sent, oldest first, waiting for the server's answer: what each waits for
-    /// and whether it has a record in `waiting`.
-    pending: VecDeque<(Step, bool)>,
-    /// The records of the audited ones, in the same order: kept apart so that the
-    /// requests without one (Describe, Sync) move no record around.
-    waiting: VecDeque<Record>,
+    /// and, when audited, its record in `records`.
+    pending: VecDeque<Pending>,
+    /// Every record, in use or free: requests and events move through the queues as
+    /// indices, so a record is written in place once and never moved.
+    records: Vec<Record>,
+    /// Indices of free records, whose buffers are reused.
+    free: Vec<RecordId>,
     pending_bytes: usize,
     /// The server reported an error in an extended-protocol batch and discards every
     /// message until the client's next Sync.
     discarding_until_sync: bool,
-    /// Prepared statements the server confirmed: name -> SQL.
-    statements: Named<Arc<[u8]>>,
-    /// Portals the server confirmed: name -> SQL and parameters.
-    portals: Named<Portal>,
-    tracked_bytes: usize,
+    /// Prepared statements and portals the server confirmed.
+    tracked: Tracked,
     /// Events ready for `poll_event_view`.
-    ready: VecDeque<Record>,
-    /// The event last lent out by `poll_event_view`; its buffer goes back to `spare` on
-    /// the next call.
-    lent: Option<Record>,
-    /// Event buffers to reuse (cleared).
-    spare: Vec<Vec<u8>>,
+    ready: VecDeque<RecordId>,
+    /// The event last lent out by `poll_event_view`; it is freed on the next call.
+    lent: Option<RecordId>,
     /// Terminate or CancelRequest seen: the client may send nothing more.
     client_ended: bool,
     closed: bool,
@@ -104,34 +100,67 @@ pub struct Relay {
 
 /// Prepared statements or portals by name. The unnamed one ("") is by far the most used
 /// (every pgbench -M extended query, most drivers' one-shot queries) and gets its own
-/// slot, which keeps hashing off the common path.
+/// slot; the first few named ones (a pooled driver's or pgbench -M prepared's handful of
+/// statements) are found by a linear scan of their short keys, which costs a fraction of
+/// hashing the name; the rest are hashed.
 #[derive(Debug)]
 struct Named<T> {
     unnamed: Option<T>,
+    /// At most `NAMED_SCANNED_MAX` entries, each with the key `scan_key` of its name.
+    scanned: Vec<(u64, Vec<u8>, T)>,
     named: HashMap<Vec<u8>, T>,
+}
+
+/// Named entries kept in `Named::scanned`: a scan of this many keys costs less than
+/// hashing one name.
+const NAMED_SCANNED_MAX: usize = 16;
+
+/// The first 7 bytes of `name` and its length (capped at 255): equal names have equal
+/// keys, and most different names of one session have different keys.
+fn scan_key(name: &[u8]) -> u64 {
+    let mut key = [0u8; 8];
+    let n = name.len().min(7);
+    key[..n].copy_from_slice(&name[..n]);
+    key[7] = name.len().min(255) as u8;
+    u64::from_le_bytes(key)
 }
 
 impl<T> Default for Named<T> {
     fn default() -> Self {
         Named {
             unnamed: None,
+            scanned: Vec::new(),
             named: HashMap::new(),
         }
     }
 }
 
 impl<T> Named<T> {
+    fn position(&self, name: &[u8]) -> Option<usize> {
+        let key = scan_key(name);
+        self.scanned
+            .iter()
+            .position(|(k, n, _)| *k == key && n.as_slice() == name)
+    }
+
     fn get(&self, name: &[u8]) -> Option<&T> {
         if name.is_empty() {
-            self.unnamed.as_ref()
-        } else {
-            self.named.get(name)
+            return self.unnamed.as_ref();
+        }
+        match self.position(name) {
+            Some(i) => self.scanned.get(i).map(|(_, _, value)| value),
+            None if self.named.is_empty() => None,
+            None => self.named.get(name),
         }
     }
 
     fn insert(&mut self, name: &[u8], value: T) {
         if name.is_empty() {
             self.unnamed = Some(value);
+        } else if let Some(i) = self.position(name) {
+            self.scanned[i].2 = value;
+        } else if self.scanned.len() < NAMED_SCANNED_MAX && !self.named.contains_key(name) {
+            self.scanned.push((scan_key(name), name.to_vec(), value));
         } else {
             self.named.insert(name.to_vec(), value);
         }
@@ -139,23 +168,32 @@ impl<T> Named<T> {
 
     fn remove(&mut self, name: &[u8]) -> Option<T> {
         if name.is_empty() {
-            self.unnamed.take()
-        } else {
-            self.named.remove(name)
+            return self.unnamed.take();
+        }
+        match self.position(name) {
+            Some(i) => Some(self.scanned.swap_remove(i).2),
+            None if self.named.is_empty() => None,
+            None => self.named.remove(name),
         }
     }
 
     fn len(&self) -> usize {
-        self.named.len() + usize::from(self.unnamed.is_some())
+        self.scanned.len() + self.named.len() + usize::from(self.unnamed.is_some())
     }
 
     fn values(&self) -> impl Iterator<Item = &T> {
-        self.unnamed.iter().chain(self.named.values())
+        self.unnamed
+            .iter()
+            .chain(self.scanned.iter().map(|(_, _, value)| value))
+            .chain(self.named.values())
     }
 
     /// Forgets every entry; memory held for named ones is given back. The unnamed one is
     /// returned, for its buffers to be reused.
     fn clear(&mut self) -> Option<T> {
+        if !self.scanned.is_empty() {
+            self.scanned = Vec::new();
+        }
         if !self.named.is_empty() {
             self.named = HashMap::new();
         }
@@ -177,6 +215,16 @@ impl Portal {
     fn held_bytes(&self) -> usize {
         self.query.as_ref().map_or(0, |q| q.len()) + self.parameters.len()
     }
+}
+
+/// Index of a [`Record`] in `Relay::records`.
+type RecordId = u32;
+
+/// A request waiting for the server's answer.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    step: Step,
+    record: Option<RecordId>,
 }
 
 /// What a request is waiting for.
@@ -247,11 +295,10 @@ struct Record {
 }
 
 impl Record {
-    fn new(kind: EventKind, mut buf: Vec<u8>) -> Self {
-        buf.clear();
+    fn new(kind: EventKind) -> Self {
         Record {
             kind,
-            buf,
+            buf: Vec::new(),
             query: Sql::None,
             statement: None,
             portal: None,
@@ -262,6 +309,21 @@ impl Record {
             answer: Answer::Unknown,
             answer_at: None,
         }
+    }
+
+    /// Makes a free record a new one of `kind`, keeping its buffer.
+    fn reset(&mut self, kind: EventKind) {
+        self.buf.clear();
+        self.kind = kind;
+        self.query = Sql::None;
+        self.statement = None;
+        self.portal = None;
+        self.function = None;
+        self.formats = Span::default();
+        self.values = Span::default();
+        self.value_count = 0;
+        self.answer = Answer::Unknown;
+        self.answer_at = None;
     }
 
     fn push(&mut self, bytes: &[u8]) -> Span {
@@ -349,15 +411,13 @@ impl Relay {
             server: Stream::new(Direction::Backend, false),
             limits,
             pending: VecDeque::new(),
-            waiting: VecDeque::new(),
+            records: Vec::new(),
+            free: Vec::new(),
             pending_bytes: 0,
             discarding_until_sync: false,
-            statements: Named::default(),
-            portals: Named::default(),
-            tracked_bytes: 0,
+            tracked: Tracked::default(),
             ready: VecDeque::new(),
             lent: None,
-            spare: Vec::new(),
             client_ended: false,
             closed: false,
             failed: None,
@@ -379,12 +439,12 @@ impl Relay {
         self.check_usable(Direction::Frontend)?;
         let result = self.read_client(input);
         if let Err(error) = &result {
-            let mut record = self.new_record(EventKind::MalformedPacket);
-            record.answer(OutcomeView::Failed {
+            let id = self.new_record(EventKind::MalformedPacket);
+            self.records[id as usize].answer(OutcomeView::Failed {
                 code: error.sql_state().as_str().as_bytes(),
                 message: error.to_string().as_bytes(),
             });
-            self.ready.push_back(record);
+            self.ready.push_back(id);
             self.failed = Some(error.clone());
         }
         result
@@ -462,8 +522,8 @@ impl Relay {
             return;
         }
         self.closed = true;
-        self.pending.clear();
-        self.ready.extend(self.waiting.drain(..));
+        self.ready
+            .extend(self.pending.drain(..).filter_map(|pending| pending.record));
         self.pending_bytes = 0;
     }
 
@@ -474,18 +534,23 @@ impl Relay {
         self.client.buf.capacity()
             + self.server.buf.capacity()
             + self.pending_bytes
-            + self.tracked_bytes
-            + self.spare.iter().map(Vec::capacity).sum::<usize>()
+            + self.tracked.held_bytes()
+            + self
+                .free
+                .iter()
+                .map(|&id| self.records[id as usize].buf.capacity())
+                .sum::<usize>()
     }
 
     /// The next audit event, borrowed from the relay until the next call; `None` when
     /// there is none. Drain after every `handle_*` call.
     pub fn poll_event_view(&mut self) -> Option<EventView<'_>> {
         if let Some(done) = self.lent.take() {
-            self.give_back(done.buf);
+            self.free_record(done);
         }
-        self.lent = self.ready.pop_front();
-        self.lent.as_ref().map(Record::view)
+        let id = self.ready.pop_front()?;
+        self.lent = Some(id);
+        Some(self.records[id as usize].view())
     }
 
     /// The next audit event, owned (text converted, parameters rendered): what
@@ -494,14 +559,33 @@ impl Relay {
         self.poll_event_view().map(|event| event.to_owned())
     }
 
-    fn new_record(&mut self, kind: EventKind) -> Record {
-        Record::new(kind, self.spare.pop().unwrap_or_default())
+    /// A record of `kind`, reusing a free one when there is one.
+    fn new_record(&mut self, kind: EventKind) -> RecordId {
+        match self.free.pop() {
+            Some(id) => {
+                self.records[id as usize].reset(kind);
+                id
+            }
+            None => {
+                // At most `pending_requests_max` records wait, plus the events of one
+                // read: far fewer than `u32::MAX`.
+                let id = self.records.len() as RecordId;
+                self.records.push(Record::new(kind));
+                id
+            }
+        }
     }
 
-    fn give_back(&mut self, buf: Vec<u8>) {
-        if buf.capacity() <= SPARE_BUFFER_CAPACITY_MAX && self.spare.len() < SPARE_BUFFERS_MAX {
-            self.spare.push(buf);
+    /// Frees a record; its buffer is kept for reuse if small, and only so many are kept.
+    fn free_record(&mut self, id: RecordId) {
+        let record = &mut self.records[id as usize];
+        if record.buf.capacity() > SPARE_BUFFER_CAPACITY_MAX || self.free.len() >= SPARE_BUFFERS_MAX
+        {
+            record.buf = Vec::new();
         }
+        // Drops a shared statement's SQL now rather than when the record is reused.
+        record.query = Sql::None;
+        self.free.push(id);
     }
 
     fn check_usable(&self, direction: Direction) -> Result<(), Error> {
@@ -534,48 +618,17 @@ impl Relay {
         // Decoded as a borrowed view: only what the audit keeps is copied out.
         let message = MessageView::decode(tag, body)
             .map_err(|kind| Error::invalid(Direction::Frontend, Some(tag), kind))?;
-        let (step, record) = match message {
-            MessageView::Query(query) => {
-                let mut record = self.new_record(EventKind::Query);
-                record.query = Sql::Copied(record.push(query));
-                (Step::Query, Some(record))
-            }
-            MessageView::Parse(parse) => {
-                let mut record = self.new_record(EventKind::PostgresParse);
-                record.statement = Some(record.push(parse.name));
-                record.query = Sql::Copied(record.push(parse.query));
-                (Step::Parse, Some(record))
-            }
-            MessageView::Bind(bind) => {
-                let mut record = self.new_record(EventKind::PostgresBind);
-                record.statement = Some(record.push(bind.statement));
-                record.portal = Some(record.push(bind.portal));
-                record.set_parameters(bind.parameter_formats, bind.parameters);
-                (Step::Bind, Some(record))
-            }
-            MessageView::Execute { portal, .. } => {
-                let mut record = self.new_record(EventKind::PostgresExecute);
-                record.portal = Some(record.push(portal));
-                (Step::Execute, Some(record))
-            }
-            MessageView::Close(target) => {
-                let mut record = self.new_record(EventKind::PostgresClose);
-                match target {
-                    TargetView::Statement(name) => record.statement = Some(record.push(name)),
-                    TargetView::Portal(name) => record.portal = Some(record.push(name)),
-                }
-                (Step::Close, Some(record))
-            }
-            MessageView::Describe(_) => (Step::Describe, None),
-            MessageView::FunctionCall(call) => {
-                let mut record = self.new_record(EventKind::PostgresFunction);
-                record.function = Some(call.function);
-                record.set_parameters(call.argument_formats, call.arguments);
-                (Step::Function, Some(record))
-            }
+        let (step, kind) = match message {
+            MessageView::Query(_) => (Step::Query, EventKind::Query),
+            MessageView::Parse(_) => (Step::Parse, EventKind::PostgresParse),
+            MessageView::Bind(_) => (Step::Bind, EventKind::PostgresBind),
+            MessageView::Execute { .. } => (Step::Execute, EventKind::PostgresExecute),
+            MessageView::Close(_) => (Step::Close, EventKind::PostgresClose),
+            MessageView::FunctionCall(_) => (Step::Function, EventKind::PostgresFunction),
+            MessageView::Describe(_) => return self.on_unaudited(Step::Describe),
             MessageView::Sync => {
                 self.discarding_until_sync = false;
-                (Step::Sync, None)
+                return self.on_unaudited(Step::Sync);
             }
             MessageView::Terminate => {
                 self.client_ended = true;
@@ -585,18 +638,60 @@ impl Relay {
             // the Query or Execute that started the COPY.
             _ => return Ok(()),
         };
+        let id = self.new_record(kind);
+        let record = &mut self.records[id as usize];
+        match message {
+            MessageView::Query(query) => record.query = Sql::Copied(record.push(query)),
+            MessageView::Parse(parse) => {
+                record.statement = Some(record.push(parse.name));
+                record.query = Sql::Copied(record.push(parse.query));
+            }
+            MessageView::Bind(bind) => {
+                record.statement = Some(record.push(bind.statement));
+                record.portal = Some(record.push(bind.portal));
+                record.set_parameters(bind.parameter_formats, bind.parameters);
+            }
+            MessageView::Execute { portal, .. } => record.portal = Some(record.push(portal)),
+            MessageView::Close(TargetView::Statement(name)) => {
+                record.statement = Some(record.push(name));
+            }
+            MessageView::Close(TargetView::Portal(name)) => record.portal = Some(record.push(name)),
+            MessageView::FunctionCall(call) => {
+                record.function = Some(call.function);
+                record.set_parameters(call.argument_formats, call.arguments);
+            }
+            _ => {}
+        }
         if self.discarding_until_sync {
             // The server reads and drops it: audit it as never run.
-            if let Some(mut record) = record {
-                record.answer(OutcomeView::Skipped);
-                self.ready.push_back(record);
-            }
+            record.answer(OutcomeView::Skipped);
+            self.ready.push_back(id);
             return Ok(());
         }
-        self.push_pending(step, record)
+        let held = record.held_bytes();
+        match self.push_pending(step, Some(id), held) {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                self.free_record(id);
+                Err(error)
+            }
+        }
     }
 
-    fn push_pending(&mut self, step: Step, record: Option<Record>) -> Result<(), Error> {
+    /// A request with no event (Describe, Sync): only its place in the queue.
+    fn on_unaudited(&mut self, step: Step) -> Result<(), Error> {
+        if self.discarding_until_sync {
+            return Ok(());
+        }
+        self.push_pending(step, None, 0)
+    }
+
+    fn push_pending(
+        &mut self,
+        step: Step,
+        record: Option<RecordId>,
+        held: usize,
+    ) -> Result<(), Error> {
         let max = self.limits.pending_requests_max;
         if self.pending.len() >= max {
             return Err(Error::limit(
@@ -605,7 +700,6 @@ impl Relay {
                 max,
             ));
         }
-        let held = record.as_ref().map_or(0, Record::held_bytes);
         let bytes = self.pending_bytes + held;
         if bytes > self.limits.pending_bytes_max {
             return Err(Error::limit(
@@ -615,27 +709,22 @@ impl Relay {
             ));
         }
         self.pending_bytes = bytes;
-        self.pending.push_back((step, record.is_some()));
-        if let Some(record) = record {
-            self.waiting.push_back(record);
-        }
+        self.pending.push_back(Pending { step, record });
         Ok(())
     }
 
     /// Takes the front request off the queue: its step and, when audited, its record.
-    fn pop_pending(&mut self) -> Option<(Step, Option<Record>)> {
-        let (step, audited) = self.pending.pop_front()?;
-        if !audited {
-            return Some((step, None));
+    fn pop_pending(&mut self) -> Option<(Step, Option<RecordId>)> {
+        let Pending { step, record } = self.pending.pop_front()?;
+        if let Some(id) = record {
+            let held = self.records[id as usize].held_bytes();
+            self.pending_bytes = self.pending_bytes.saturating_sub(held);
         }
-        let record = self.waiting.pop_front();
-        let held = record.as_ref().map_or(0, Record::held_bytes);
-        self.pending_bytes = self.pending_bytes.saturating_sub(held);
         Some((step, record))
     }
 
     fn front_step(&self) -> Option<Step> {
-        self.pending.front().map(|&(step, _)| step)
+        self.pending.front().map(|pending| pending.step)
     }
 
     /// Server messages the relay does not read whole still move the Describe step on.
@@ -659,6 +748,17 @@ impl Relay {
             (PARSE_COMPLETE, []) => return self.complete(Step::Parse, succeeded(None)),
             (BIND_COMPLETE, []) => return self.complete(Step::Bind, succeeded(None)),
             (CLOSE_COMPLETE, []) => return self.complete(Step::Close, succeeded(None)),
+            (READY_FOR_QUERY, [status]) => {
+                let status = match status {
+                    b'I' => backend::TransactionStatus::Idle,
+                    b'T' => backend::TransactionStatus::InTransaction,
+                    b'E' => backend::TransactionStatus::Failed,
+                    // Refused by the decoder below, with its error.
+                    _ => return BackendMessage::decode(Frame { tag, body }).map(|_| ()),
+                };
+                self.on_ready(status);
+                return Ok(());
+            }
             _ => {}
         }
         BackendMessage::decode(Frame { tag, body })
@@ -696,8 +796,12 @@ impl Relay {
 
     /// Notes the outcome of a Query or FunctionCall, which ends at ReadyForQuery.
     fn record(&mut self, step: Step, outcome: OutcomeView<'_>) -> Result<(), Error> {
-        match (self.pending.front(), self.waiting.front_mut()) {
-            (Some(&(front, true)), Some(record)) if front == step => {
+        match self.pending.front() {
+            Some(&Pending {
+                step: front,
+                record: Some(id),
+            }) if front == step => {
+                let record = &mut self.records[id as usize];
                 let before = record.held_bytes();
                 record.answer(outcome);
                 // The answer's text is held as long as the request waits.
@@ -746,13 +850,9 @@ impl Relay {
                 break;
             }
         }
-        if status == backend::TransactionStatus::Idle && self.portals.len() > 0 {
+        if status == backend::TransactionStatus::Idle {
             // Portals live until the end of the transaction.
-            let held: usize = self.portals.values().map(Portal::held_bytes).sum();
-            self.tracked_bytes = self.tracked_bytes.saturating_sub(held);
-            if let Some(unnamed) = self.portals.clear() {
-                self.give_back(unnamed.parameters);
-            }
+            self.tracked.clear_portals();
         }
     }
 
@@ -765,27 +865,62 @@ impl Relay {
             return Err(unexpected_answer(step));
         };
         // Describe has no event: nothing to record or track.
-        let Some(mut record) = record else {
+        let Some(id) = record else {
             return Ok(());
         };
         let ok = matches!(
             outcome,
             OutcomeView::Succeeded { .. } | OutcomeView::Suspended
         );
+        let record = &mut self.records[id as usize];
+        if let Err(error) = self.tracked.on_complete(step, ok, record, &self.limits) {
+            self.free_record(id);
+            return Err(error);
+        }
+        record.answer(outcome);
+        self.ready.push_back(id);
+        Ok(())
+    }
+}
+
+/// Prepared statements and portals the server confirmed, for the SQL and parameters of
+/// later Bind, Execute and Close events.
+#[derive(Debug, Default)]
+struct Tracked {
+    /// Prepared statements: name -> SQL.
+    statements: Named<Arc<[u8]>>,
+    /// Portals: name -> SQL and parameters.
+    portals: Named<Portal>,
+    /// Bytes of SQL and parameters held by both.
+    bytes: usize,
+    /// Portal parameter buffers to reuse (cleared).
+    spare: Vec<Vec<u8>>,
+}
+
+impl Tracked {
+    /// Notes what a request the server answered did to the statements and portals, and
+    /// fills in its record's SQL (and, for Execute, its portal's parameters).
+    fn on_complete(
+        &mut self,
+        step: Step,
+        ok: bool,
+        record: &mut Record,
+        limits: &Limits,
+    ) -> Result<(), Error> {
         match (step, record.statement, record.portal) {
             (Step::Parse, Some(name), _) if ok => {
                 let query: Arc<[u8]> = match record.query {
                     Sql::Copied(span) => Arc::from(record.get(span)),
                     _ => Arc::from(&[][..]),
                 };
-                self.track_statement(record.get(name), Arc::clone(&query))?;
+                self.track_statement(record.get(name), Arc::clone(&query), limits)?;
                 // The event shares the statement's copy; its own bytes stay unused.
                 record.query = Sql::Shared(query);
             }
             (Step::Bind, Some(statement), Some(name)) => {
                 let query = self.statements.get(record.get(statement)).cloned();
                 if ok {
-                    self.track_portal(&record, name, query.clone())?;
+                    self.track_portal(record, name, query.clone(), limits)?;
                 }
                 record.query = query.map_or(Sql::None, Sql::Shared);
             }
@@ -804,7 +939,7 @@ impl Relay {
                 let name = record.get(name);
                 let query = self.statements.get(name).cloned();
                 if ok && let Some(query) = self.statements.remove(name) {
-                    self.tracked_bytes = self.tracked_bytes.saturating_sub(query.len());
+                    self.bytes = self.bytes.saturating_sub(query.len());
                 }
                 record.query = query.map_or(Sql::None, Sql::Shared);
             }
@@ -812,24 +947,27 @@ impl Relay {
                 let name = record.get(name);
                 let query = self.portals.get(name).and_then(|p| p.query.clone());
                 if ok && let Some(portal) = self.portals.remove(name) {
-                    self.tracked_bytes = self.tracked_bytes.saturating_sub(portal.held_bytes());
+                    self.bytes = self.bytes.saturating_sub(portal.held_bytes());
                     self.give_back(portal.parameters);
                 }
                 record.query = query.map_or(Sql::None, Sql::Shared);
             }
             _ => {}
         }
-        record.answer(outcome);
-        self.ready.push_back(record);
         Ok(())
     }
 
-    fn track_statement(&mut self, name: &[u8], query: Arc<[u8]>) -> Result<(), Error> {
+    fn track_statement(
+        &mut self,
+        name: &[u8],
+        query: Arc<[u8]>,
+        limits: &Limits,
+    ) -> Result<(), Error> {
         if let Some(old) = self.statements.remove(name) {
-            self.tracked_bytes = self.tracked_bytes.saturating_sub(old.len());
+            self.bytes = self.bytes.saturating_sub(old.len());
         }
-        self.check_tracking(query.len())?;
-        self.tracked_bytes += query.len();
+        self.check(query.len(), limits)?;
+        self.bytes += query.len();
         self.statements.insert(name, query);
         Ok(())
     }
@@ -840,11 +978,12 @@ impl Relay {
         bind: &Record,
         name: Span,
         query: Option<Arc<[u8]>>,
+        limits: &Limits,
     ) -> Result<(), Error> {
         let name = bind.get(name);
         let mut parameters = match self.portals.remove(name) {
             Some(old) => {
-                self.tracked_bytes = self.tracked_bytes.saturating_sub(old.held_bytes());
+                self.bytes = self.bytes.saturating_sub(old.held_bytes());
                 old.parameters
             }
             None => self.spare.pop().unwrap_or_default(),
@@ -859,33 +998,56 @@ impl Relay {
             formats_len: formats.len(),
             value_count: bind.value_count,
         };
-        if let Err(e) = self.check_tracking(portal.held_bytes()) {
+        if let Err(e) = self.check(portal.held_bytes(), limits) {
             self.give_back(portal.parameters);
             return Err(e);
         }
-        self.tracked_bytes += portal.held_bytes();
+        self.bytes += portal.held_bytes();
         self.portals.insert(name, portal);
         Ok(())
     }
 
-    fn check_tracking(&self, more_bytes: usize) -> Result<(), Error> {
+    /// Forgets every portal (the transaction ended).
+    fn clear_portals(&mut self) {
+        if self.portals.len() == 0 {
+            return;
+        }
+        let held: usize = self.portals.values().map(Portal::held_bytes).sum();
+        self.bytes = self.bytes.saturating_sub(held);
+        if let Some(unnamed) = self.portals.clear() {
+            self.give_back(unnamed.parameters);
+        }
+    }
+
+    fn check(&self, more_bytes: usize, limits: &Limits) -> Result<(), Error> {
         let count = self.statements.len() + self.portals.len() + 1;
-        if count > self.limits.prepared_statements_max {
+        if count > limits.prepared_statements_max {
             return Err(Error::limit(
                 Limit::PreparedStatements,
                 count,
-                self.limits.prepared_statements_max,
+                limits.prepared_statements_max,
             ));
         }
-        let bytes = self.tracked_bytes + more_bytes;
-        if bytes > self.limits.prepared_statement_bytes_max {
+        let bytes = self.bytes + more_bytes;
+        if bytes > limits.prepared_statement_bytes_max {
             return Err(Error::limit(
                 Limit::PreparedStatementBytes,
                 bytes,
-                self.limits.prepared_statement_bytes_max,
+                limits.prepared_statement_bytes_max,
             ));
         }
         Ok(())
+    }
+
+    fn give_back(&mut self, buf: Vec<u8>) {
+        if buf.capacity() <= SPARE_BUFFER_CAPACITY_MAX && self.spare.len() < SPARE_BUFFERS_MAX {
+            self.spare.push(buf);
+        }
+    }
+
+    /// Bytes held, including buffers kept for reuse.
+    fn held_bytes(&self) -> usize {
+        self.bytes + self.spare.iter().map(Vec::capacity).sum::<usize>()
     }
 }
 
