@@ -58,7 +58,7 @@ pub mod tag {
 }
 
 /// Whether a server ever sends this message type byte.
-pub fn is_backend_tag(t: u8) -> bool {
+pub const fn is_backend_tag(t: u8) -> bool {
     matches!(
         t,
         tag::AUTHENTICATION

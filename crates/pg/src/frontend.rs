@@ -40,7 +40,7 @@ pub mod tag {
 }
 
 /// Whether a client ever sends this message type byte after start-up.
-pub fn is_frontend_tag(t: u8) -> bool {
+pub const fn is_frontend_tag(t: u8) -> bool {
     matches!(
         t,
         tag::BIND

@@ -65,6 +65,10 @@ const BUFFER_RETAIN_MAX: usize = 64 << 10;
 const SPARE_BUFFERS_MAX: usize = 64;
 const SPARE_BUFFER_CAPACITY_MAX: usize = 4 << 10;
 
+/// A new record's buffer: room for the names, parameters and command tag of most
+/// requests.
+const RECORD_BUFFER_CAPACITY: usize = 128;
+
 /// The length word that starts an untagged start-up packet.
 const STARTUP_LENGTH_LEN: usize = 4;
 
@@ -115,14 +119,14 @@ struct Named<T> {
 /// hashing one name.
 const NAMED_SCANNED_MAX: usize = 16;
 
-/// The first 7 bytes of `name` and its length (capped at 255): equal names have equal
-/// keys, and most different names of one session have different keys.
+/// The first 7 bytes of `name` and its length (its low byte): equal names have equal
+/// keys, and names of up to 7 bytes have different keys.
 fn scan_key(name: &[u8]) -> u64 {
-    let mut key = [0u8; 8];
-    let n = name.len().min(7);
-    key[..n].copy_from_slice(&name[..n]);
-    key[7] = name.len().min(255) as u8;
-    u64::from_le_bytes(key)
+    let key = name
+        .iter()
+        .take(7)
+        .fold(0u64, |key, &byte| key << 8 | u64::from(byte));
+    key ^ (name.len() as u64) << 56
 }
 
 impl<T> Default for Named<T> {
@@ -570,7 +574,11 @@ impl Relay {
                 // At most `pending_requests_max` records wait, plus the events of one
                 // read: far fewer than `u32::MAX`.
                 let id = self.records.len() as RecordId;
-                self.records.push(Record::new(kind));
+                let mut record = Record::new(kind);
+                // Enough for the names, parameters and answer of most requests, so the
+                // buffer is not grown step by step.
+                record.buf.reserve(RECORD_BUFFER_CAPACITY);
+                self.records.push(record);
                 id
             }
         }
@@ -615,6 +623,25 @@ impl Relay {
                 })),
             };
         };
+        // The messages of every extended-protocol statement but Bind, in exactly the
+        // shapes the decoder accepts, are handled without it; anything else (other
+        // messages, and these when malformed) goes through it.
+        match (tag, body) {
+            (frontend::tag::SYNC, []) => {
+                self.discarding_until_sync = false;
+                return self.on_unaudited(Step::Sync);
+            }
+            (frontend::tag::DESCRIBE, [b'S' | b'P', name @ .., 0]) if !name.contains(&0) => {
+                return self.on_unaudited(Step::Describe);
+            }
+            (frontend::tag::EXECUTE, [portal @ .., 0, _, _, _, _]) if !portal.contains(&0) => {
+                let id = self.new_record(EventKind::PostgresExecute);
+                let record = &mut self.records[id as usize];
+                record.portal = Some(record.push(portal));
+                return self.on_audited(Step::Execute, id);
+            }
+            _ => {}
+        }
         // Decoded as a borrowed view: only what the audit keeps is copied out.
         let message = MessageView::decode(tag, body)
             .map_err(|kind| Error::invalid(Direction::Frontend, Some(tag), kind))?;
@@ -662,6 +689,12 @@ impl Relay {
             }
             _ => {}
         }
+        self.on_audited(step, id)
+    }
+
+    /// An audited request, its record filled in: queued for the server's answer.
+    fn on_audited(&mut self, step: Step, id: RecordId) -> Result<(), Error> {
+        let record = &mut self.records[id as usize];
         if self.discarding_until_sync {
             // The server reads and drops it: audit it as never run.
             record.answer(OutcomeView::Skipped);
@@ -927,11 +960,18 @@ impl Tracked {
             (Step::Execute, _, Some(name)) => {
                 if let Some(portal) = self.portals.get(record.get(name)) {
                     let query = portal.query.clone();
-                    let (formats, values) = portal.parameters.split_at(portal.formats_len);
-                    let count = portal.value_count;
-                    record.formats = record.push(formats);
-                    record.values = record.push(values);
-                    record.value_count = count;
+                    // Format codes then values, in one copy.
+                    let all = record.push(&portal.parameters);
+                    let split = all.start + portal.formats_len;
+                    record.formats = Span {
+                        start: all.start,
+                        end: split,
+                    };
+                    record.values = Span {
+                        start: split,
+                        end: all.end,
+                    };
+                    record.value_count = portal.value_count;
                     record.query = query.map_or(Sql::None, Sql::Shared);
                 }
             }
@@ -1074,9 +1114,40 @@ fn unexpected_answer(step: Step) -> Error {
     }
 }
 
+/// What a stream does with a message type byte: refuse it, skip its body, or read it
+/// whole. One table per direction, so a header costs one lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TagClass {
+    Unknown,
+    Skip,
+    Keep,
+}
+
+const fn tag_classes(direction: Direction) -> [TagClass; 256] {
+    let mut classes = [TagClass::Unknown; 256];
+    let mut tag = 0;
+    while tag < 256 {
+        let t = tag as u8;
+        let (known, keep) = match direction {
+            Direction::Frontend => (frontend::is_frontend_tag(t), keep_frontend(t)),
+            Direction::Backend => (backend::is_backend_tag(t), keep_backend(t)),
+        };
+        classes[tag] = match (known, keep) {
+            (false, _) => TagClass::Unknown,
+            (true, false) => TagClass::Skip,
+            (true, true) => TagClass::Keep,
+        };
+        tag += 1;
+    }
+    classes
+}
+
+static FRONTEND_TAGS: [TagClass; 256] = tag_classes(Direction::Frontend);
+static BACKEND_TAGS: [TagClass; 256] = tag_classes(Direction::Backend);
+
 /// Client messages read whole: everything but CopyData (bulk) and authentication
 /// responses (secrets).
-fn keep_frontend(tag: u8) -> bool {
+const fn keep_frontend(tag: u8) -> bool {
     !matches!(
         tag,
         frontend::tag::COPY_DATA | frontend::tag::AUTHENTICATION_RESPONSE
@@ -1084,7 +1155,7 @@ fn keep_frontend(tag: u8) -> bool {
 }
 
 /// Server messages read whole: only the ones that end a request.
-fn keep_backend(tag: u8) -> bool {
+const fn keep_backend(tag: u8) -> bool {
     use backend::tag::*;
     matches!(
         tag,
@@ -1296,11 +1367,12 @@ impl Stream {
         limits: &Limits,
     ) -> Result<(u8, usize, bool), Error> {
         let (tag, body_len) = frame::parse_header(self.direction, header, limits.message_size_max)?;
-        let (known, keep) = match self.direction {
-            Direction::Frontend => (frontend::is_frontend_tag(tag), keep_frontend(tag)),
-            Direction::Backend => (backend::is_backend_tag(tag), keep_backend(tag)),
+        let class = match self.direction {
+            Direction::Frontend => FRONTEND_TAGS[usize::from(tag)],
+            Direction::Backend => BACKEND_TAGS[usize::from(tag)],
         };
-        if !known {
+        let keep = class == TagClass::Keep;
+        if class == TagClass::Unknown {
             return Err(Error::invalid(
                 self.direction,
                 Some(tag),
