@@ -387,6 +387,33 @@ pub(crate) struct BindView<'a> {
     pub(crate) result_formats: FormatsView<'a>,
 }
 
+impl<'a> BindView<'a> {
+    /// Decodes a Bind body, exactly as [`MessageView::decode`] does: the relay reads
+    /// one per statement and goes straight here.
+    pub(crate) fn decode(body: &'a [u8]) -> Result<Self, InvalidMessage> {
+        let mut r = Reader::new(body);
+        let bind = BindView::read(&mut r)?;
+        r.finish()?;
+        Ok(bind)
+    }
+
+    fn read(r: &mut Reader<'a>) -> Result<Self, InvalidMessage> {
+        let portal = r.cstr()?;
+        let statement = r.cstr()?;
+        let parameter_formats = FormatsView::decode(r)?;
+        let parameters = ValuesView::decode(r)?;
+        check_format_count(parameter_formats.len(), parameters.len())?;
+        let result_formats = FormatsView::decode(r)?;
+        Ok(BindView {
+            portal,
+            statement,
+            parameter_formats,
+            parameters,
+            result_formats,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FunctionCallView<'a> {
     pub(crate) function: u32,
@@ -538,21 +565,7 @@ impl<'a> MessageView<'a> {
     pub(crate) fn decode(t: u8, body: &'a [u8]) -> Result<Self, InvalidMessage> {
         let mut r = Reader::new(body);
         let message = match t {
-            tag::BIND => {
-                let portal = r.cstr()?;
-                let statement = r.cstr()?;
-                let parameter_formats = FormatsView::decode(&mut r)?;
-                let parameters = ValuesView::decode(&mut r)?;
-                check_format_count(parameter_formats.len(), parameters.len())?;
-                let result_formats = FormatsView::decode(&mut r)?;
-                MessageView::Bind(BindView {
-                    portal,
-                    statement,
-                    parameter_formats,
-                    parameters,
-                    result_formats,
-                })
-            }
+            tag::BIND => MessageView::Bind(BindView::read(&mut r)?),
             tag::CLOSE => MessageView::Close(TargetView::decode(&mut r)?),
             tag::COPY_DATA => MessageView::CopyData(r.rest()),
             tag::COPY_DONE => MessageView::CopyDone,

@@ -53,7 +53,9 @@ use crate::audit::{AuditEvent, EventKind, EventView, OutcomeView, ParametersView
 use crate::backend::{self, BackendMessage};
 use crate::error::{Direction, Error, InvalidMessage, Limit, PeerMisbehaved};
 use crate::frame::{self, Frame, HEADER_LEN, STARTUP_HEADER_LEN};
-use crate::frontend::{self, FormatsView, MessageView, StartupRequest, TargetView, ValuesView};
+use crate::frontend::{
+    self, BindView, FormatsView, MessageView, StartupRequest, TargetView, ValuesView,
+};
 use crate::limits::Limits;
 
 /// A buffer kept between messages is given back to the allocator above this size, so one
@@ -623,9 +625,10 @@ impl Relay {
                 })),
             };
         };
-        // The messages of every extended-protocol statement but Bind, in exactly the
-        // shapes the decoder accepts, are handled without it; anything else (other
-        // messages, and these when malformed) goes through it.
+        // The messages of every statement (Query; Bind, Describe, Execute, Sync) are
+        // handled straight from their bytes, in exactly the shapes the decoder accepts
+        // (Bind by its own part of the decoder); anything else, and these when
+        // malformed, goes through the decoder and gets its error.
         match (tag, body) {
             (frontend::tag::SYNC, []) => {
                 self.discarding_until_sync = false;
@@ -633,6 +636,22 @@ impl Relay {
             }
             (frontend::tag::DESCRIBE, [b'S' | b'P', name @ .., 0]) if !name.contains(&0) => {
                 return self.on_unaudited(Step::Describe);
+            }
+            (frontend::tag::QUERY, [query @ .., 0]) if !query.contains(&0) => {
+                let id = self.new_record(EventKind::Query);
+                let record = &mut self.records[id as usize];
+                record.query = Sql::Copied(record.push(query));
+                return self.on_audited(Step::Query, id);
+            }
+            (frontend::tag::BIND, _) => {
+                let bind = BindView::decode(body)
+                    .map_err(|kind| Error::invalid(Direction::Frontend, Some(tag), kind))?;
+                let id = self.new_record(EventKind::PostgresBind);
+                let record = &mut self.records[id as usize];
+                record.statement = Some(record.push(bind.statement));
+                record.portal = Some(record.push(bind.portal));
+                record.set_parameters(bind.parameter_formats, bind.parameters);
+                return self.on_audited(Step::Bind, id);
             }
             (frontend::tag::EXECUTE, [portal @ .., 0, _, _, _, _]) if !portal.contains(&0) => {
                 let id = self.new_record(EventKind::PostgresExecute);
