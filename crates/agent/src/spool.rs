@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use postern_auth::audit::{AuditEvent, BATCH_EVENTS_MAX, EVENT_SIZE_MAX};
+use postern_auth::audit::{AuditEvent, BATCH_EVENTS_MAX, BATCH_SIZE_MAX, EVENT_SIZE_MAX};
 use postern_auth::client::AuthClient;
 use postern_rt::Blocking;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -59,6 +59,11 @@ pub const SPOOL_SIZE_MAX_DEFAULT: u64 = 256 * 1024 * 1024;
 pub const SEGMENT_SIZE_MAX: u64 = 4 * 1024 * 1024;
 /// Most events in one batch sent to the auth service.
 pub const SHIP_BATCH_EVENTS_MAX: usize = 500;
+/// Most bytes of events (as spooled, which is how they are sent) in one batch sent to
+/// the auth service; a batch always holds at least one event. Half of what the auth
+/// service accepts, so one more event of up to [`RECORD_SIZE_MAX`] never tips it over.
+pub const SHIP_BATCH_SIZE_MAX: usize = BATCH_SIZE_MAX / 2;
+const _: () = assert!(SHIP_BATCH_SIZE_MAX + RECORD_SIZE_MAX <= BATCH_SIZE_MAX);
 /// Most events written between two fsyncs.
 pub const WRITE_BATCH_EVENTS_MAX: usize = 256;
 /// Largest record payload accepted when reading back (an event, with room to spare).
@@ -363,9 +368,21 @@ impl Spool {
         Ok(())
     }
 
-    /// Up to `max` events not yet handed out, oldest first, and a ticket to acknowledge
-    /// them with. Empty when everything is shipped or in flight.
+    /// Up to `max` events not yet handed out, oldest first, at most
+    /// [`SHIP_BATCH_SIZE_MAX`] bytes of them, and a ticket to acknowledge them with. Empty
+    /// when everything is shipped or in flight.
     pub fn next_batch(&self, max: usize) -> Result<(Vec<AuditEvent>, Ticket), SpoolError> {
+        self.next_batch_within(max, SHIP_BATCH_SIZE_MAX)
+    }
+
+    /// [`Spool::next_batch`] with a size bound: events are taken while their spooled
+    /// payloads add up to at most `max_bytes`, but always at least one, so an event
+    /// larger than the bound still goes out (alone).
+    pub fn next_batch_within(
+        &self,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<AuditEvent>, Ticket), SpoolError> {
         let mut inner = self.lock();
         let Some(segment) = inner
             .segments
@@ -378,16 +395,23 @@ impl Spool {
         let mut file = File::open(&segment.path).map_err(io_error(&segment.path))?;
         file.seek(SeekFrom::Start(start))
             .map_err(io_error(&segment.path))?;
+        // Enough for the batch plus one whole record past it, not the whole segment.
+        let want = (max_bytes + RECORD_SIZE_MAX + 2 * HEADER_LEN) as u64;
         let mut bytes = Vec::new();
-        file.take(segment.len - start)
+        file.take((segment.len - start).min(want))
             .read_to_end(&mut bytes)
             .map_err(io_error(&segment.path))?;
         let mut events = Vec::new();
         let mut at = 0;
+        let mut size = 0;
         while events.len() < max {
             match decode_record(&bytes[at..]) {
                 Decoded::Record { payload, used } => {
+                    if at > 0 && size + payload.len() > max_bytes {
+                        break;
+                    }
                     at += used;
+                    size += payload.len();
                     match serde_json::from_slice::<AuditEvent>(payload) {
                         Ok(event) => events.push(event),
                         // A record that passed its checksum but is not an event cannot be

@@ -325,3 +325,84 @@ async fn resent_events_are_stored_once() {
     assert_eq!(ids.len(), 12);
     shipper.abort();
 }
+
+// A backlog of large events (here 600 of ~48 KiB: 28 MiB, as a long outage of the auth
+// service with big statements leaves behind) is delivered in full: batches are bounded
+// by bytes, not only by count, so no request goes past what the auth API accepts. Before
+// the bound, 500-event batches were refused with 413 and resent forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_backlog_is_delivered_in_batches_auth_accepts() {
+    const EVENTS: usize = 600;
+    let big = |n: usize| {
+        let mut rng = Rng::from_seed(n as u64);
+        AuditEvent::new(
+            ("db.session.query", "TDB02I"),
+            OffsetDateTime::from_unix_timestamp(1_800_000_000 + n as i64).unwrap(),
+            &mut rng,
+        )
+        .with_field(
+            "query",
+            format!("select '{}' -- {n}", "x".repeat(48 * 1024)),
+        )
+    };
+    let auth = Auth::new().await;
+    let listener = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(api::serve(
+        Arc::clone(&auth.server),
+        listener,
+        vec!["auth.spool".into()],
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path(), 64 << 20).unwrap());
+    let backlog: Vec<AuditEvent> = (0..EVENTS).map(big).collect();
+    for chunk in backlog.chunks(50) {
+        spool.append(chunk).unwrap();
+    }
+    let (first, ticket) = spool.next_batch(spool::SHIP_BATCH_EVENTS_MAX).unwrap();
+    let first_size: usize = first
+        .iter()
+        .map(|e| serde_json::to_vec(e).unwrap().len())
+        .sum();
+    assert!(
+        first.len() > 1 && first.len() < 50,
+        "{} events in the first batch",
+        first.len()
+    );
+    assert!(
+        first_size <= spool::SHIP_BATCH_SIZE_MAX,
+        "{first_size} bytes in the first batch"
+    );
+    spool.nack(ticket);
+
+    let shipper = tokio::spawn(spool::ship_events(
+        Arc::clone(&spool),
+        auth.client(&addr),
+        Blocking::Pool,
+    ));
+    wait_for(async || spool.size() == 0, "the backlog to be delivered").await;
+    let mut stored = auth.stored().await;
+    stored.sort_by_key(|a| a.time);
+    assert_eq!(stored, backlog);
+    shipper.abort();
+}
+
+// One event larger than the size bound still goes out, alone: the bound never strands an
+// event in the spool.
+#[test]
+fn an_event_over_the_size_bound_is_a_batch_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    spool.append(&events(0..5)).unwrap();
+    let one = serde_json::to_vec(&event(0)).unwrap().len();
+    for expected in [1, 1, 1, 1, 1] {
+        let (batch, ticket) = spool.next_batch_within(100, one - 1).unwrap();
+        assert_eq!(batch.len(), expected);
+        spool.ack(ticket).unwrap();
+    }
+    let (rest, _) = spool.next_batch_within(100, 1 << 20).unwrap();
+    assert!(rest.is_empty());
+    spool.append(&events(5..10)).unwrap();
+    let (two, _) = spool.next_batch_within(100, 2 * one + 1).unwrap();
+    assert_eq!(two, events(5..7));
+}

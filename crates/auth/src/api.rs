@@ -52,13 +52,18 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::Error;
-use crate::audit::{AuditEvent, AuditLog};
+use crate::audit::{AuditEvent, AuditLog, BATCH_EVENTS_MAX, BATCH_SIZE_MAX};
 use crate::backend::{Backend, Revision};
 use crate::database::Database;
 use crate::server::{AuthServer, DatabaseServer, TokenKind};
 
 /// Largest request body; larger ones get 413.
 pub const REQUEST_SIZE_MAX: usize = 64 * 1024;
+/// Largest body of `POST /v1/audit/events`: a full batch of events
+/// ([`BATCH_SIZE_MAX`] bytes of them), the commas and brackets of its JSON array, and
+/// room for another client's whitespace. Agents and proxies bound their batches by size
+/// to stay under it.
+pub const AUDIT_REQUEST_SIZE_MAX: usize = BATCH_SIZE_MAX + BATCH_EVENTS_MAX + 64 * 1024;
 /// A TLS handshake that takes longer is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often expired leases are swept while the API serves.
@@ -273,7 +278,11 @@ pub fn router<B: Backend, A: AuditLog>(server: Arc<AuthServer<B, A>>) -> Router 
         .route("/v1/registry/keepalive", post(keep_alive::<B, A>))
         .route("/v1/registry/withdraw", post(withdraw::<B, A>))
         .route("/v1/registry/servers/{name}", get(servers::<B, A>))
-        .route("/v1/audit/events", post(audit_events::<B, A>))
+        .route(
+            "/v1/audit/events",
+            // Inside the router-wide limit below, so this one wins for this route.
+            post(audit_events::<B, A>).layer(DefaultBodyLimit::max(AUDIT_REQUEST_SIZE_MAX)),
+        )
         .route("/v1/cas", get(cas::<B, A>))
         .layer(DefaultBodyLimit::max(REQUEST_SIZE_MAX))
         .with_state(server)
@@ -357,7 +366,10 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     let status = rejection.status();
     let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        format!("request body larger than {REQUEST_SIZE_MAX} bytes; refused")
+        format!(
+            "request body too large; refused (at most {REQUEST_SIZE_MAX} bytes, \
+             {AUDIT_REQUEST_SIZE_MAX} for audit events)"
+        )
     } else {
         format!("invalid request body: {}", rejection.body_text())
     };

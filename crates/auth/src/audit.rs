@@ -25,6 +25,8 @@ use crate::backend::session_lost;
 pub const EVENT_SIZE_MAX: usize = 64 * 1024;
 /// Most events in one batch.
 pub const BATCH_EVENTS_MAX: usize = 1000;
+/// Most bytes of serialized events in one batch (the sum of their JSON lines).
+pub const BATCH_SIZE_MAX: usize = 2 * 1024 * 1024;
 /// Most events one search returns.
 pub const SEARCH_EVENTS_MAX: usize = 10_000;
 /// Longest error text in an event.
@@ -223,7 +225,18 @@ fn check_batch(events: &[AuditEvent]) -> Result<Vec<String>, Error> {
             format!("{} events, more than {BATCH_EVENTS_MAX}", events.len()),
         ));
     }
-    events.iter().map(AuditEvent::check).collect()
+    let lines = events
+        .iter()
+        .map(AuditEvent::check)
+        .collect::<Result<Vec<_>, _>>()?;
+    let size: usize = lines.iter().map(String::len).sum();
+    if size > BATCH_SIZE_MAX {
+        return Err(Error::invalid(
+            "batch",
+            format!("{size} bytes of events, more than {BATCH_SIZE_MAX}"),
+        ));
+    }
+    Ok(lines)
 }
 
 // --- Memory ------------------------------------------------------------------------
