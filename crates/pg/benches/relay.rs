@@ -14,7 +14,7 @@ use postern_pg::{Limits, Relay};
 
 fn relay_throughput(c: &mut Criterion) {
     let mut group = c.benchmark_group("relay");
-    for name in ["pgbench_prepared", "pgbench_simple"] {
+    for name in ["pgbench_prepared", "pgbench_simple", "pgbench_extended"] {
         let chunks = support::load(name);
         let bytes: usize = chunks.iter().map(|c| c.bytes.len()).sum();
         assert!(
