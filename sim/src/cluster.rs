@@ -1,46 +1,40 @@
-//! One seed's run: a whole cluster on turmoil hosts with the real proxy (front door,
-//! dispatcher, tunnel server), the real agent (tunnel client, session service with
-//! authorization, database client certificates, relay and audit), fake databases, and
-//! clients speaking PostgreSQL through the proxies. The harness applies the seed's
+//! One seed's run: a whole cluster on turmoil hosts with the real auth server and its
+//! HTTPS API ([`crate::authhost`]), the real proxy service
+//! (`postern_proxy::service::ProxyService`: front door, dispatcher, cancel forwarding,
+//! tunnel server), the real database service (`postern_agent::service::AgentService`:
+//! join, roles polled from auth, announcements, database client certificates from
+//! auth, session service, relay, durable audit spool shipped to auth), fake databases,
+//! and clients speaking PostgreSQL through the proxies. The harness applies the seed's
 //! faults between simulation steps, heals them all when the safety phase ends, then
 //! gives every client [`LIVENESS_BOUND`] to query again, and finally checks the
-//! invariants against what the [`World`] recorded.
+//! invariants against what the [`World`] recorded and what auth stored.
 //!
-//! The services are wired by hand, as `crates/proxy/tests/e2e_postgres.rs` does; the
-//! auth service is represented by its state (the CAs, a role store the agents read
-//! live, and a signer for proxy→agent certificates) and by an audit store host that the
-//! agents' real durable spools ship to ([`crate::auditstore`]). Each agent's storage
-//! root is a real directory that survives its crashes and restarts.
+//! Auth's state (backend and audit log) outlives the auth host's crashes; each agent's
+//! storage root is a real directory that survives its crashes and restarts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
-use postern_agent::session::{
-    LocalDbCa, LookupError, RoleSource, ServedDatabase, SessionConfig, SessionService,
+use postern_agent::service::{
+    AgentService, AgentServiceConfig, AgentTimers, DatabaseConfig, DatabaseTls, HostMaterial,
 };
-use postern_agent::spool;
-use postern_agent::upstream::postgres::PostgresTarget;
-use postern_agent::upstream::{TlsMode, UpstreamTls};
-use postern_auth::database::{Database, Protocol};
+use postern_agent::upstream::TlsMode;
+use postern_auth::audit::AuditEvent;
+use postern_auth::database::Protocol;
 use postern_auth::role::Role;
+use postern_auth::server::TokenKind;
 use postern_pki::tls::{mtls_client_config, mtls_server_config, ring_provider};
 use postern_pki::{
-    CaKind, CertAuthority, DbProtocol, DbRoute, HostIdentity, HostRole, Identity, PrivateKey,
-    UnixTime, Usage, Validator, VerifiedIdentity,
+    CaKind, CertAuthority, DbProtocol, DbRoute, Identity, PrivateKey, TrustedCa, UnixTime, Usage,
 };
-use postern_proxy::client_auth::server_config;
-use postern_proxy::dispatch::{DbAccessSigner, Dispatcher};
-use postern_proxy::postgres::{ALPN_PROTOCOLS, Accepted, FrontDoor};
 use postern_rt::{Blocking, Net, Rng, Runtime, WallClock};
-use postern_tunnel::{Agent, AgentConfig, ProxyConfig, ProxyTunnels};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::{mpsc, watch};
 
 use crate::Trace;
-use crate::auditstore::{self, SimAuditSink};
+use crate::authhost::{self, Admin, CLUSTER, ProxyHost};
 use crate::client::{self, ClientError, Session};
 use crate::fakedb::{self, DbControl, FakeDb};
 use crate::scenario::{
@@ -55,9 +49,11 @@ pub const EPOCH_SECS: u64 = 1_795_478_400;
 pub const TUNNEL_PORT: u16 = 3024;
 /// How long the agent may take to reach a database after its access decision.
 pub const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// A session start audited this long after the role was revoked is a violation: the
-/// decision was taken before, at most the upstream connect before the start event.
-pub const REVOCATION_GRACE: Duration = Duration::from_secs(4);
+/// A session start audited this long after the role was revoked is a violation. The
+/// agent reads roles from its cache, which polls auth every second
+/// (`ROLES_POLL_PERIOD_DEFAULT`); the start event comes after the database client
+/// certificate from auth and the upstream connect (at most [`AGENT_CONNECT_TIMEOUT`]).
+pub const REVOCATION_GRACE: Duration = Duration::from_secs(5);
 /// Extra simulated time after the liveness bound before the run is declared stuck.
 const SLACK: Duration = Duration::from_secs(30);
 /// After the liveness bound, how long the agents have to ship every spooled event.
@@ -66,7 +62,6 @@ pub const AUDIT_SHIP_BOUND: Duration = Duration::from_secs(20);
 /// link (the simulation's message latency is 1–20 ms): an agent that crashes within
 /// this of a statement may never have seen its answer, so never audited it.
 const ANSWER_IN_FLIGHT: Duration = Duration::from_millis(25);
-const CLUSTER: &str = "sim";
 const DAY: Duration = Duration::from_secs(86_400);
 
 fn at_secs(secs: u64) -> UnixTime {
@@ -88,115 +83,50 @@ pub struct Outcome {
     pub sessions_opened: u64,
 }
 
-/// The auth service's role store, which agents read on every session (as they would
-/// through the auth service's cache). Revoking deletes a role; healing puts it back.
-#[derive(Clone, Debug, Default)]
-pub struct SimRoles {
-    roles: Arc<Mutex<BTreeMap<String, Role>>>,
-}
-
-impl SimRoles {
-    fn new() -> Self {
-        let mut text = String::new();
-        for user in crate::scenario::USERS {
-            text.push_str(&format!(
-                "[[role]]\nname = \"dev-{user}\"\nallow.db_labels = {{ env = \"dev\" }}\nallow.db_users = [\"{user}\"]\nallow.db_names = [\"*\"]\n\n"
-            ));
-        }
-        // Invariant: the text above is a valid role file.
-        let roles = postern_auth::role::parse_role_file("sim-roles.toml", &text)
-            .expect("the simulator's role file parses");
-        Self {
-            roles: Arc::new(Mutex::new(
-                roles.into_iter().map(|r| (r.name.clone(), r)).collect(),
-            )),
-        }
+/// The roles every cluster starts with: `dev-<user>` allows the user's own db user on
+/// every database labelled `env=dev`.
+fn initial_roles() -> Vec<Role> {
+    let mut text = String::new();
+    for user in crate::scenario::USERS {
+        text.push_str(&format!(
+            "[[role]]\nname = \"dev-{user}\"\nallow.db_labels = {{ env = \"dev\" }}\nallow.db_users = [\"{user}\"]\nallow.db_names = [\"*\"]\n\n"
+        ));
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Role>> {
-        self.roles.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+    // Invariant: the text above is a valid role file.
+    postern_auth::role::parse_role_file("sim-roles.toml", &text)
+        .expect("the simulator's role file parses")
 }
 
-impl RoleSource for SimRoles {
-    async fn roles(&self, names: &[String]) -> Result<Vec<Role>, LookupError> {
-        let roles = self.lock();
-        Ok(names.iter().filter_map(|n| roles.get(n).cloned()).collect())
-    }
-}
-
-/// Signs proxy→agent certificates with the user CA, as the auth service does.
-struct SimSigner {
-    user_ca: Arc<CertAuthority>,
-    clock: WallClock,
-}
-
-impl DbAccessSigner for SimSigner {
-    async fn sign(
-        &self,
-        user: &VerifiedIdentity,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-        let key = PrivateKey::generate().map_err(|e| e.to_string())?;
-        let now = self.clock.now().as_secs().saturating_sub(60);
-        let (_, cert) = self
-            .user_ca
-            .issue_db_access(
-                user,
-                &key.public_key(),
-                at_secs(now),
-                Duration::from_secs(600),
-            )
-            .map_err(|e| e.to_string())?;
-        Ok((vec![cert.der().clone()], key.to_rustls()))
-    }
-}
-
-/// The cluster's certificate authorities, and a user CA of another cluster.
+/// Certificates the harness issues as auth would: user certificates as `postern db
+/// login` writes them (signed by whichever user CA auth signs with at that moment),
+/// and database server certificates. Also a user CA of another cluster.
 struct Cas {
-    user: Arc<CertAuthority>,
-    host: Arc<CertAuthority>,
-    db: Arc<CertAuthority>,
-    foreign_user: Arc<CertAuthority>,
+    admin: Arc<Admin>,
+    db: CertAuthority,
+    foreign_user: CertAuthority,
 }
 
 impl Cas {
-    fn new() -> Self {
+    fn new(admin: Arc<Admin>) -> Self {
         let start = at_secs(EPOCH_SECS - 30 * 86_400);
-        let ttl = 3650 * DAY;
         // Invariant: generating a CA with valid parameters does not fail.
-        let ca = |kind, cluster| {
-            Arc::new(CertAuthority::generate(kind, cluster, start, ttl).expect("a CA"))
-        };
+        let foreign_user =
+            CertAuthority::generate(CaKind::User, CLUSTER, start, 3650 * DAY).expect("a CA");
         Cas {
-            user: ca(CaKind::User, CLUSTER),
-            host: ca(CaKind::Host, CLUSTER),
-            db: ca(CaKind::Db, CLUSTER),
-            foreign_user: ca(CaKind::User, CLUSTER),
+            db: admin.signing_ca(CaKind::Db),
+            foreign_user,
+            admin,
         }
     }
 
-    fn host_identity(&self, id: &str, role: HostRole, names: &[&str]) -> HostIdentity {
-        HostIdentity {
-            host_id: id.to_owned(),
-            role,
-            cluster: CLUSTER.to_owned(),
-            names: names.iter().map(|n| (*n).to_owned()).collect(),
-            expires: at_secs(EPOCH_SECS + 365 * 86_400),
-        }
-    }
-
-    /// A TLS host certificate and key for `id`.
-    fn host_tls(&self, id: &str, role: HostRole) -> (postern_pki::IssuedCert, PrivateKey) {
-        let key = PrivateKey::generate().expect("a key");
-        let cert = self
-            .host
-            .issue_host(
-                &self.host_identity(id, role, &[id]),
-                &key.public_key(),
-                at_secs(EPOCH_SECS - 86_400),
-            )
-            .expect("a host certificate");
-        (cert, key)
+    /// The host CA bundle (PEM): what hosts and clients check auth's and proxies'
+    /// certificates against.
+    fn host_ca_pem(&self) -> String {
+        self.admin
+            .trusted(CaKind::Host)
+            .iter()
+            .map(TrustedCa::to_pem)
+            .collect()
     }
 
     /// A user certificate for `spec`, as `postern db login` would write it.
@@ -205,13 +135,19 @@ impl Cas {
         spec: &ClientSpec,
         kind: &CertKind,
         issued_secs: u64,
-    ) -> (CertificateDer<'static>, PrivateKeyDer<'static>, UnixTime) {
+    ) -> (
+        CertificateDer<'static>,
+        PrivateKeyDer<'static>,
+        UnixTime,
+        Vec<u8>,
+    ) {
+        let user_ca = self.admin.signing_ca(CaKind::User);
         let (ca, issued, expires) = match kind {
-            CertKind::Valid => (&self.user, issued_secs, issued_secs + 3600),
-            CertKind::Expired => (&self.user, issued_secs - 7200, issued_secs - 3600),
+            CertKind::Valid => (&user_ca, issued_secs, issued_secs + 3600),
+            CertKind::Expired => (&user_ca, issued_secs - 7200, issued_secs - 3600),
             CertKind::ForeignCa => (&self.foreign_user, issued_secs, issued_secs + 3600),
             CertKind::ExpiresAt(after) => {
-                (&self.user, issued_secs, EPOCH_SECS + after.as_secs().max(1))
+                (&user_ca, issued_secs, EPOCH_SECS + after.as_secs().max(1))
             }
         };
         let key = PrivateKey::generate().expect("a key");
@@ -235,7 +171,8 @@ impl Cas {
         let cert = ca
             .issue_identity(&identity, &key.public_key(), at_secs(issued - 60))
             .expect("a user certificate");
-        (cert.der().clone(), key.to_rustls(), at_secs(expires))
+        let ca_id = ca.trusted().key_id().to_vec();
+        (cert.der().clone(), key.to_rustls(), at_secs(expires), ca_id)
     }
 }
 
@@ -293,8 +230,10 @@ pub fn run(seed: u64) -> Outcome {
     for line in scenario.describe() {
         world.record_at(Duration::ZERO, "sim", line);
     }
-    let cas = Arc::new(Cas::new());
-    let roles = SimRoles::new();
+    let (admin, auth_state) = Admin::bootstrap(seed, EPOCH_SECS, &initial_roles());
+    let admin = Arc::new(admin);
+    let cas = Arc::new(Cas::new(admin.clone()));
+    let host_ca_pem = cas.host_ca_pem();
 
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
@@ -313,17 +252,20 @@ pub fn run(seed: u64) -> Outcome {
             .clone()
     };
 
-    sim.host(AUTH_HOST, {
-        let world = world.clone();
-        move || {
-            let world = world.clone();
-            async move {
-                world.record(AUTH_HOST, "audit store started");
-                auditstore::serve(AUTH_HOST.to_owned(), world).await?;
-                Ok(())
-            }
-        }
-    });
+    {
+        let (world, state, clock) = (world.clone(), auth_state.clone(), clock_of(AUTH_HOST));
+        let incarnations = Arc::new(AtomicU64::new(0));
+        sim.host(AUTH_HOST, move || {
+            let incarnation = incarnations.fetch_add(1, Ordering::Relaxed);
+            authhost::serve(
+                state.clone(),
+                world.clone(),
+                clock.clone(),
+                host_seed(seed, AUTH_HOST, incarnation),
+                incarnation,
+            )
+        });
+    }
 
     let mut controls: BTreeMap<String, Arc<DbControl>> = BTreeMap::new();
     for db in &scenario.databases {
@@ -366,110 +308,29 @@ pub fn run(seed: u64) -> Outcome {
 
     for proxy in &scenario.proxies {
         let clock = clock_of(proxy);
-        let (tls_cert, tls_key) = cas.host_tls(proxy, HostRole::Proxy);
-        let ssh_key = postern_pki::ssh::generate_ssh_key().expect("an SSH key");
-        let ssh_cert = cas
-            .host
-            .issue_ssh_host_cert(
-                &cas.host_identity(proxy, HostRole::Proxy, &[proxy]),
-                ssh_key.public_key(),
-                at_secs(EPOCH_SECS - 86_400),
-            )
-            .expect("an SSH host certificate");
-        let tunnel_config = ProxyConfig::new(
-            ssh_key,
-            ssh_cert,
-            vec![cas.host.ssh_public_key().expect("the host CA's SSH key")],
-        );
-        let tls = server_config(
-            &tls_cert,
-            &tls_key,
-            &[cas.user.trusted().clone()],
-            ALPN_PROTOCOLS,
-            ring_provider(),
-            Arc::new(clock.clone()),
-        )
-        .expect("a front door TLS configuration");
+        let host = Arc::new(ProxyHost {
+            name: proxy.clone(),
+            join_token: admin.join_token(TokenKind::Proxy),
+            auth_ca_pem: host_ca_pem.clone(),
+            saved: Default::default(),
+            postgres_port: client::PROXY_PG_PORT,
+            tunnel_port: TUNNEL_PORT,
+        });
         let incarnations = Arc::new(AtomicU64::new(0));
-        let (name, cas, world) = (proxy.clone(), cas.clone(), world.clone());
+        let world = world.clone();
         sim.host(proxy.as_str(), move || {
             let incarnation = incarnations.fetch_add(1, Ordering::Relaxed);
-            let (name, cas, world) = (name.clone(), cas.clone(), world.clone());
-            let (tunnel_config, tls, clock) = (tunnel_config.clone(), tls.clone(), clock.clone());
+            let (host, world, clock) = (host.clone(), world.clone(), clock.clone());
             async move {
                 let rt = Runtime::from_parts(
                     Net::Turmoil,
-                    clock.clone(),
-                    Rng::from_seed(host_seed(seed, &name, incarnation)),
-                    format!("/sim/{name}").into(),
-                );
-                world.record(&name, format!("start (incarnation {incarnation})"));
-                let tunnels = ProxyTunnels::new(&rt, tunnel_config)?;
-                let tunnel_listener = rt.net().listen(&format!("0.0.0.0:{TUNNEL_PORT}")).await?;
-                tokio::spawn({
-                    let tunnels = tunnels.clone();
-                    async move { tunnels.serve(tunnel_listener).await }
-                });
-                let door = FrontDoor::new(
-                    tls,
-                    Arc::new(Validator::new([cas.user.trusted().clone()])),
-                    clock.clone(),
-                );
-                let dispatcher = Arc::new(Dispatcher::new(
-                    tunnels,
-                    SimSigner {
-                        user_ca: cas.user.clone(),
-                        clock: clock.clone(),
-                    },
-                    vec![cas.host.trusted().clone()],
-                    clock.clone(),
-                    rt.rng().fork(),
-                ));
-                let front = rt
-                    .net()
-                    .listen(&format!("0.0.0.0:{}", client::PROXY_PG_PORT))
-                    .await?;
-                loop {
-                    let conn = front.accept().await?;
-                    let (door, dispatcher, world, name, clock) = (
-                        door.clone(),
-                        dispatcher.clone(),
-                        world.clone(),
-                        name.clone(),
-                        clock.clone(),
-                    );
-                    tokio::spawn(async move {
-                        match door.accept(conn).await {
-                            Ok(Accepted::Session(session)) => {
-                                // The front door admits only identities valid now, by
-                                // its own clock (certificate times are whole seconds).
-                                let identity = session.identity.identity();
-                                let (now, expires) =
-                                    (clock.now().as_secs(), identity.expires.as_secs());
-                                if now > expires + 1 {
-                                    world.violation(
-                                        &name,
-                                        format!(
-                                            "front door admitted {} with a certificate expired {}s ago",
-                                            identity.user,
-                                            now - expires
-                                        ),
-                                    );
-                                }
-                                if let Err(e) = dispatcher.serve(session).await {
-                                    world.record(&name, format!("dispatch failed: {e}"));
-                                }
-                            }
-                            Ok(Accepted::Cancel(_)) => {
-                                world.record(&name, "cancel request (not forwarded)");
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                world.record(&name, format!("front door refused: {e}"))
-                            }
-                        }
-                    });
-                }
+                    clock,
+                    Rng::from_seed(host_seed(seed, &host.name, incarnation)),
+                    format!("/sim/{}", host.name).into(),
+                )
+                .with_blocking(Blocking::Inline);
+                world.record(&host.name, format!("start (incarnation {incarnation})"));
+                authhost::run_proxy(&host, rt, &world).await
             }
         });
     }
@@ -481,146 +342,71 @@ pub fn run(seed: u64) -> Outcome {
         .collect();
     for (agent, databases) in &scenario.agents {
         let clock = clock_of(agent);
-        let (tls_cert, tls_key) = cas.host_tls(agent, HostRole::Agent);
-        let session_tls = mtls_server_config(
-            vec![tls_cert.der().clone()],
-            tls_key.to_rustls(),
-            &[cas.user.trusted().clone()],
-            ring_provider(),
-            Arc::new(clock.clone()),
-        )
-        .expect("an agent TLS configuration");
-        let ssh_key = postern_pki::ssh::generate_ssh_key().expect("an SSH key");
-        let ssh_cert = cas
-            .host
-            .issue_ssh_user_cert(
-                &cas.host_identity(agent, HostRole::Agent, &[]),
-                ssh_key.public_key(),
-                at_secs(EPOCH_SECS - 86_400),
-            )
-            .expect("an SSH user certificate");
-        let db_ca_pem = cas.db.trusted().to_pem();
-        let served: Vec<ServedDatabase> = databases
-            .iter()
-            .map(|db| ServedDatabase {
-                database: Database {
+        let config = AgentServiceConfig {
+            cluster: CLUSTER.to_owned(),
+            host_id: agent.clone(),
+            auth_addr: authhost::addr(),
+            auth_server_name: authhost::SERVER_NAME.to_owned(),
+            auth_ca_pem: host_ca_pem.clone(),
+            host: HostMaterial::JoinToken(admin.join_token(TokenKind::Db)),
+            proxies: proxy_addrs.clone(),
+            databases: databases
+                .iter()
+                .map(|db| DatabaseConfig {
                     name: db.clone(),
                     description: format!("simulated {db}"),
                     protocol: Protocol::Postgres,
                     uri: format!("{db}:{}", fakedb::PORT),
-                    labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
-                },
-                target: PostgresTarget {
-                    host: db.clone(),
-                    port: fakedb::PORT,
-                    tls: UpstreamTls::new(
-                        TlsMode::VerifyFull,
-                        db_ca_pem.as_bytes(),
-                        None,
-                        ring_provider(),
-                        Arc::new(clock.clone()),
-                    )
-                    .expect("upstream TLS"),
-                },
-            })
-            .collect();
-        let session_config = SessionConfig {
-            cluster: CLUSTER.to_owned(),
-            tls: session_tls,
-            validator: Validator::new([cas.user.trusted().clone()]),
-            databases: served,
-            limits: Default::default(),
-            handshake_timeout: Duration::from_secs(10),
-            connect_timeout: AGENT_CONNECT_TIMEOUT,
+                    ca_cert_file: None,
+                    tls: DatabaseTls {
+                        mode: TlsMode::VerifyFull,
+                        server_name: None,
+                    },
+                    aws_region: None,
+                    static_labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
+                    dynamic_labels: BTreeMap::new(),
+                })
+                .collect(),
+            timers: AgentTimers {
+                connect_timeout: AGENT_CONNECT_TIMEOUT,
+                handshake_timeout: Duration::from_secs(10),
+                ..AgentTimers::default()
+            },
+            aws_credentials: None,
         };
-        let (databases_tx, databases_rx) = watch::channel(databases.clone());
-        // The sender lives as long as the simulation: the list never changes.
-        std::mem::forget(databases_tx);
-        let agent_config = AgentConfig::new(
-            agent.clone(),
-            ssh_key,
-            ssh_cert,
-            vec![cas.host.ssh_public_key().expect("the host CA's SSH key")],
-            databases_rx,
-        );
         let incarnations = Arc::new(AtomicU64::new(0));
-        let (name, cas, world, roles, proxy_addrs) = (
-            agent.clone(),
-            cas.clone(),
-            world.clone(),
-            roles.clone(),
-            proxy_addrs.clone(),
-        );
+        let (name, world) = (agent.clone(), world.clone());
         let storage_root = storage.host(agent);
         sim.host(agent.as_str(), move || {
             let incarnation = incarnations.fetch_add(1, Ordering::Relaxed);
-            let (name, cas, world, roles) =
-                (name.clone(), cas.clone(), world.clone(), roles.clone());
-            let (agent_config, session_config, clock, proxy_addrs, storage_root) = (
-                agent_config.clone(),
-                session_config.clone(),
+            let (name, world, config, clock, storage_root) = (
+                name.clone(),
+                world.clone(),
+                config.clone(),
                 clock.clone(),
-                proxy_addrs.clone(),
                 storage_root.clone(),
             );
             async move {
                 let rt = Runtime::from_parts(
                     Net::Turmoil,
-                    clock.clone(),
+                    clock,
                     Rng::from_seed(host_seed(seed, &name, incarnation)),
                     storage_root,
                 )
                 .with_blocking(Blocking::Inline);
                 world.record(&name, format!("start (incarnation {incarnation})"));
-                let (tunnel_agent, mut channels) = Agent::new(&rt, agent_config)?;
-                // Audit as AgentService does it: sessions ─► queue ─► durable spool ─► auth.
-                // The simulator notes each event as its session emits it, on the way.
-                let spool = Arc::new(postern_agent::service::open_audit_spool(
-                    &rt,
-                    spool::SPOOL_SIZE_MAX_DEFAULT,
-                )?);
-                let (audit_tx, mut audit_rx) = mpsc::channel(1024);
-                let (spool_tx, spool_rx) = mpsc::channel(1024);
-                tokio::spawn({
+                // The real database service: join, CAs and SSH certificate from auth,
+                // roles polled from auth, announcements, database client certificates
+                // from auth, durable audit spool shipped to auth, tunnels to every
+                // proxy. The simulator notes each audit event as a session emits it.
+                let tap = {
                     let (world, name) = (world.clone(), name.clone());
-                    async move {
-                        while let Some(event) = audit_rx.recv().await {
-                            let event: postern_auth::audit::AuditEvent = event;
-                            world.emitted(audited(&name, &event));
-                            if spool_tx.send(event).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-                tokio::spawn(spool::write_events(spool.clone(), spool_rx, rt.blocking()));
-                tokio::spawn(spool::ship_events(
-                    spool.clone(),
-                    SimAuditSink {
-                        addr: format!("{AUTH_HOST}:{}", auditstore::PORT),
-                    },
-                    rt.blocking(),
-                ));
-                let sessions = Arc::new(
-                    SessionService::new(
-                        &rt,
-                        session_config,
-                        roles,
-                        LocalDbCa::new(cas.db.clone(), clock.clone()),
-                        audit_tx,
-                    )
-                    .with_audit_gate(spool.gate()),
-                );
-                tokio::spawn(async move {
-                    while let Some(channel) = channels.recv().await {
-                        let sessions = sessions.clone();
-                        tokio::spawn(async move {
-                            let _ = sessions.serve(channel).await;
-                        });
-                    }
-                });
-                let (_keep, proxies) = watch::channel(proxy_addrs);
-                tunnel_agent.run(proxies).await;
+                    move |event: &AuditEvent| world.emitted(audited(&name, event))
+                };
+                AgentService::new(rt, config)?
+                    .with_audit_tap(tap)
+                    .run(std::future::pending())
+                    .await?;
                 Ok(())
             }
         });
@@ -650,7 +436,7 @@ pub fn run(seed: u64) -> Outcome {
         &mut sim,
         &scenario,
         &world,
-        &roles,
+        &admin,
         &controls,
         &clocks,
         &mut faults,
@@ -662,6 +448,28 @@ pub fn run(seed: u64) -> Outcome {
     let mut failures = Vec::new();
     if let Some(e) = sim_error {
         failures.push(format!("simulation error (panic or host failure): {e}"));
+    }
+    // The audit invariants are checked against what the real auth server stored.
+    match admin.stored_events(&auth_state) {
+        Ok(events) => {
+            let ids: Vec<String> = events
+                .into_iter()
+                .filter(|e| e.event.starts_with("db."))
+                .map(|e| e.id)
+                .collect();
+            world.stored_by_auth(&ids);
+        }
+        Err(e) => failures.push(e),
+    }
+    // Liveness: every agent is registered with auth for each database it serves.
+    for (agent, databases) in &scenario.agents {
+        for db in databases {
+            if !admin.servers_of(db).contains(agent) {
+                failures.push(format!(
+                    "{agent} is not registered with auth for {db} after the run"
+                ));
+            }
+        }
     }
     let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(PoisonError::into_inner));
     check(&scenario, &world, &stats, skew_slack, &mut failures);
@@ -722,16 +530,32 @@ async fn audit_wait(
     Ok(())
 }
 
+/// A session a client opened: client, simulated time, certificate expiry and kind,
+/// whether the roles allow its route, and the key id of the CA that signed it.
+type Opened = (String, Duration, Option<UnixTime>, CertKind, bool, Vec<u8>);
+
 /// What clients saw, for the checks.
 #[derive(Debug, Default)]
 struct ClientStats {
     sessions_opened: u64,
     /// (client, simulated time, certificate expiry) for every session that opened.
-    opened: Vec<(String, Duration, Option<UnixTime>, CertKind, bool)>,
+    opened: Vec<Opened>,
     /// Clients that could query in the liveness phase.
     live: BTreeSet<String>,
     /// Clients whose workload and liveness attempts are over.
     finished: usize,
+}
+
+/// Calls of `rotate_ca` from standby back to standby.
+const ROTATION_PHASES: u32 = 4;
+
+/// Moves the user CA's rotation one phase on, as `postern admin auth rotate` would.
+fn rotate_user_ca(admin: &Admin, world: &World, now: Duration) {
+    let from = admin.phase(CaKind::User);
+    match admin.rotate(CaKind::User) {
+        Ok(to) => world.record_at(now, "sim", format!("user CA rotation: {from} -> {to}")),
+        Err(e) => world.violation("sim", format!("user CA rotation from {from} failed: {e}")),
+    }
 }
 
 /// The harness loop: faults on and off between steps, heal at the end of the safety
@@ -742,7 +566,7 @@ fn drive(
     sim: &mut turmoil::Sim<'_>,
     scenario: &Scenario,
     world: &World,
-    roles: &SimRoles,
+    admin: &Admin,
     controls: &BTreeMap<String, Arc<DbControl>>,
     clocks: &BTreeMap<String, WallClock>,
     counts: &mut BTreeMap<&'static str, u64>,
@@ -756,8 +580,31 @@ fn drive(
     let mut revoked: BTreeMap<String, Role> = BTreeMap::new();
     let mut skew_slack = Duration::ZERO;
     let mut healed_all = false;
+    let mut healed_lasting = false;
+    // A user CA rotation in flight: its start, duration, phases moved and the old CA.
+    let mut rotation: Option<(Duration, Duration, u32, Vec<u8>)> = None;
     loop {
         let now = sim.elapsed();
+        if let Some((start, lasts, done, _)) = &mut rotation {
+            // The phases before the last, at start and each third of the duration.
+            while *done < ROTATION_PHASES - 1 && now >= *start + *lasts * *done / 3 {
+                rotate_user_ca(admin, world, now);
+                *done += 1;
+            }
+        }
+        // Auth's backend (lease expiry) and the harness's own actions read this time.
+        admin.set_now(EPOCH_SECS + now.as_secs());
+        if !healed_lasting && now >= SAFETY_PHASE + LIVENESS_BOUND {
+            // Liveness is judged; now the lasting fault heals too, so that the broken
+            // agent can ship what it spooled ("every event stored after the run heals").
+            healed_lasting = true;
+            for (host, _) in std::mem::take(&mut lasting_skew) {
+                if let Some(clock) = clocks.get(&host) {
+                    clock.set_skew_ms(0);
+                }
+                world.record_at(now, "sim", format!("lasting fault healed: {host}"));
+            }
+        }
         if let Some(fault) = lasting.take_if(|f| f.at <= now) {
             *counts.entry("lasting_clock_skew").or_default() += 1;
             world.record_at(now, "sim", format!("lasting fault: {}", fault.kind));
@@ -800,9 +647,13 @@ fn drive(
                         .store(d.as_millis() as u64, Ordering::Relaxed);
                 }
                 FaultKind::RevokeRole(user) => {
-                    if let Some(role) = roles.lock().remove(&format!("dev-{user}")) {
+                    if let Some(role) = admin.revoke_role(&format!("dev-{user}")) {
                         revoked.insert(user.clone(), role);
                     }
+                }
+                FaultKind::RotateUserCa => {
+                    let old = admin.signing_ca(CaKind::User).trusted().key_id().to_vec();
+                    rotation = Some((now, fault.lasts, 0, old));
                 }
             }
             active.push((now + fault.lasts, fault));
@@ -836,8 +687,16 @@ fn drive(
                 FaultKind::DbSlow(db, _) => controls[db].slow_ms.store(0, Ordering::Relaxed),
                 FaultKind::RevokeRole(user) => {
                     if let Some(role) = revoked.remove(user) {
-                        roles.lock().insert(role.name.clone(), role);
+                        admin.restore_role(role);
                         world.record_at(now, "sim", format!("role dev-{user} restored"));
+                    }
+                }
+                FaultKind::RotateUserCa => {
+                    if let Some((_, _, done, old)) = rotation.take() {
+                        for _ in done..ROTATION_PHASES {
+                            rotate_user_ca(admin, world, now);
+                        }
+                        world.rotation_completed(now, old);
                     }
                 }
             }
@@ -866,19 +725,20 @@ async fn client_main(
     let net = Net::Turmoil;
     let clock = WallClock::simulated();
     let name = spec.name.clone();
+    let host_cas = cas.admin.trusted(CaKind::Host);
     let tls_for = |kind: &CertKind, spec: &ClientSpec| {
-        let (cert, key, expires) = cas.user_cert(spec, kind, clock.now().as_secs());
+        let (cert, key, expires, ca) = cas.user_cert(spec, kind, clock.now().as_secs());
         let config = mtls_client_config(
             vec![cert],
             key,
-            &[cas.host.trusted().clone()],
+            &host_cas,
             ring_provider(),
             Arc::new(clock.clone()),
         )
         .expect("a client TLS configuration");
-        (config, expires)
+        (config, expires, ca)
     };
-    let (tls, expires) = tls_for(&spec.cert, &spec);
+    let (tls, expires, ca) = tls_for(&spec.cert, &spec);
     let mut session: Option<Session> = None;
     let mut n = 0u64;
     for op in &spec.ops {
@@ -894,7 +754,7 @@ async fn client_main(
                 db_user: "postgres".to_owned(),
                 ..spec.clone()
             };
-            let (other_tls, other_expires) = tls_for(&CertKind::Valid, &other);
+            let (other_tls, other_expires, other_ca) = tls_for(&CertKind::Valid, &other);
             match Session::open(&net, &other.proxy, other_tls, &other.db_user, "postgres").await {
                 Ok(mut s) => {
                     world.record(&name, "second session opened as postgres");
@@ -907,6 +767,7 @@ async fn client_main(
                             Some(other_expires),
                             CertKind::Valid,
                             other.route_allowed(),
+                            other_ca,
                         ));
                     }
                     let sql = format!("select '{} {} {}'", name, spec.database, n);
@@ -934,6 +795,7 @@ async fn client_main(
                         Some(expires),
                         spec.cert.clone(),
                         spec.route_allowed(),
+                        ca.clone(),
                     ));
                     session = Some(s);
                 }
@@ -1012,6 +874,7 @@ async fn client_main(
                     Some(expires),
                     spec.cert.clone(),
                     spec.route_allowed(),
+                    ca.clone(),
                 ));
             }
             s.terminate().await;
@@ -1022,7 +885,7 @@ async fn client_main(
         db_user: spec.user.clone(),
         ..spec.clone()
     };
-    let (tls, _) = tls_for(&CertKind::Valid, &fresh);
+    let (tls, _, _) = tls_for(&CertKind::Valid, &fresh);
     let deadline = SAFETY_PHASE + LIVENESS_BOUND;
     let mut last_error = String::new();
     while World::now() < deadline {
@@ -1066,6 +929,34 @@ fn short(e: &ClientError) -> String {
     }
 }
 
+/// Whether `agent` may have been unable to refresh its roles from auth at some time in
+/// `[from, to]`: a link fault between them, or either of them crashed.
+fn auth_unreachable(
+    scenario: &Scenario,
+    crashes: &[(String, Duration)],
+    agent: &str,
+    from: Duration,
+    to: Duration,
+) -> bool {
+    let link = scenario.faults.iter().any(|f| {
+        let (x, y) = match &f.kind {
+            FaultKind::Partition(x, y)
+            | FaultKind::PartitionOneWay(x, y)
+            | FaultKind::Hold(x, y)
+            | FaultKind::Latency(x, y, _) => (x.as_str(), y.as_str()),
+            FaultKind::Crash(h) | FaultKind::ClockSkew(h, _) => (h.as_str(), h.as_str()),
+            _ => return false,
+        };
+        let linked = (x == agent && y == AUTH_HOST)
+            || (x == AUTH_HOST && y == agent)
+            || (x == y && x == AUTH_HOST);
+        linked && f.at <= to && f.at.saturating_add(f.lasts) >= from
+    });
+    link || crashes
+        .iter()
+        .any(|(host, at)| host == AUTH_HOST && *at <= to && *at + REVOCATION_GRACE >= from)
+}
+
 /// The invariants, over everything the run recorded.
 fn check(
     scenario: &Scenario,
@@ -1092,6 +983,7 @@ fn check(
         }
     }
 
+    let crashes = world.crashes();
     // 1. Every session start the agents allowed was allowed by the roles at the time.
     let starts: Vec<&Audited> = audited
         .iter()
@@ -1106,6 +998,24 @@ fn check(
             ));
         }
         for (revoked_user, from, until) in &revocations {
+            // An agent that cannot reach auth keeps its last roles (as it must, to
+            // serve through an auth outage): a start while its link to auth was cut,
+            // slowed or held, or auth was down, is excused and noted.
+            if revoked_user == user
+                && start.at > *from + REVOCATION_GRACE
+                && start.at < *until
+                && auth_unreachable(scenario, &crashes, &start.agent, *from, start.at)
+            {
+                world.record_at(
+                    start.at,
+                    "check",
+                    format!(
+                        "excused: {} allowed {user} with roles cached while auth was out of reach",
+                        start.agent
+                    ),
+                );
+                continue;
+            }
             if revoked_user == user && start.at > *from + REVOCATION_GRACE && start.at < *until {
                 failures.push(format!(
                     "{} allowed {user} at {:?}, while role dev-{user} was revoked since {from:?}",
@@ -1145,7 +1055,6 @@ fn check(
     //    and shipping (auth's store keeps each id once; an id emitted twice was reported
     //    when it happened). Excused: a statement whose agent crashed before the
     //    database's answer could reach it (the relay audits a statement with its answer).
-    let crashes = world.crashes();
     let link_fault_between = |a: &str, b: &str, from: Duration, to: Duration| {
         scenario.faults.iter().any(|f| {
             let (x, y) = match &f.kind {
@@ -1159,12 +1068,18 @@ fn check(
             linked && f.at <= to && f.at.saturating_add(f.lasts) >= from
         })
     };
+    // In flight either way: the answer had not reached the agent when it crashed, or
+    // the statement itself was still on its way to the database (it executed after
+    // the agent that sent it was gone).
     let in_flight_at_crash = |e: &crate::world::Executed| {
         let Some(agent) = &e.via else { return false };
         crashes.iter().any(|(host, at)| {
             host == agent
-                && *at >= e.at
-                && (*at - e.at <= ANSWER_IN_FLIGHT || link_fault_between(agent, &e.db, e.at, *at))
+                && if *at >= e.at {
+                    *at - e.at <= ANSWER_IN_FLIGHT || link_fault_between(agent, &e.db, e.at, *at)
+                } else {
+                    e.at - *at <= ANSWER_IN_FLIGHT
+                }
         })
     };
     let statement_events = [
@@ -1256,7 +1171,15 @@ fn check(
     }
 
     // 4. No expired, foreign-CA or unroutable identity opened a session.
-    for (client, at, expires, kind, route_allowed) in &stats.opened {
+    let rotations = world.rotations();
+    for (client, at, expires, kind, route_allowed, ca) in &stats.opened {
+        for (rotated_at, old) in &rotations {
+            if ca == old && *at > *rotated_at + REVOCATION_GRACE {
+                failures.push(format!(
+                    "{client} opened a session at {at:?} with a certificate of the user CA rotated out at {rotated_at:?}"
+                ));
+            }
+        }
         let now_secs = EPOCH_SECS + at.as_secs();
         match kind {
             CertKind::Expired | CertKind::ForeignCa => failures.push(format!(
@@ -1472,6 +1395,7 @@ mod tests {
             Some(at_secs(EPOCH_SECS + 10)),
             CertKind::ExpiresAt(Duration::from_secs(10)),
             true,
+            b"old-ca".to_vec(),
         ));
         stats.opened.push((
             "client2".to_owned(),
@@ -1479,7 +1403,9 @@ mod tests {
             None,
             CertKind::ForeignCa,
             false,
+            b"foreign-ca".to_vec(),
         ));
+        world.rotation_completed(Duration::from_secs(50), b"old-ca".to_vec());
         let failures = failures_of(&s, &world, &stats);
         for needle in [
             "which no role allows",
@@ -1489,6 +1415,7 @@ mod tests {
             "db user no role allows",
             "meant for db2",
             "client2 could not query",
+            "user CA rotated out",
         ] {
             assert!(
                 failures.iter().any(|f| f.contains(needle)),

@@ -7,11 +7,11 @@
 //!
 //! - [`fakedb`]: the only fake part, small PostgreSQL servers that record every
 //!   statement they execute and as whom;
-//! - [`auditstore`]: the auth service's audit store, which the agents' real spools
-//!   ship to;
+//! - [`authhost`]: the real auth server on the `auth` host, and the harness's
+//!   administrative handle on it;
 //! - [`world`]: the shared record of a run that invariants are checked against.
 
-pub mod auditstore;
+pub mod authhost;
 pub mod client;
 pub mod cluster;
 pub mod fakedb;

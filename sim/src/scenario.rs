@@ -94,10 +94,14 @@ pub enum FaultKind {
     DbSlow(String, Duration),
     /// The user's role is deleted; it comes back when the fault heals.
     RevokeRole(String),
+    /// The user CA rotates through its phases (standby → init → update_clients →
+    /// update_servers → standby), one every third of the fault's duration; it has
+    /// completed when the fault heals.
+    RotateUserCa,
 }
 
 /// Fault kinds a seed may enable (the swarm draws among these).
-const FAULT_KINDS: u64 = 10;
+const FAULT_KINDS: u64 = 11;
 
 impl FaultKind {
     /// The kind's name in summaries.
@@ -112,6 +116,7 @@ impl FaultKind {
             FaultKind::DbDown(_) => "db_down",
             FaultKind::DbSlow(..) => "db_slow",
             FaultKind::RevokeRole(_) => "role_revoked",
+            FaultKind::RotateUserCa => "ca_rotation",
         }
     }
 }
@@ -128,6 +133,7 @@ impl fmt::Display for FaultKind {
             FaultKind::DbDown(h) => write!(f, "database down {h}"),
             FaultKind::DbSlow(h, d) => write!(f, "database slow {h} {}ms", d.as_millis()),
             FaultKind::RevokeRole(u) => write!(f, "revoke role dev-{u}"),
+            FaultKind::RotateUserCa => write!(f, "rotate the user CA"),
         }
     }
 }
@@ -309,6 +315,16 @@ impl Scenario {
                     Duration::from_millis(range(&faults, 100, 5_000)),
                 ),
                 8 => FaultKind::RevokeRole(USERS[faults.below(3) as usize].to_owned()),
+                10 => {
+                    // One rotation per run: a second would interleave its phases.
+                    if drawn
+                        .iter()
+                        .any(|f: &Fault| f.kind == FaultKind::RotateUserCa)
+                    {
+                        continue;
+                    }
+                    FaultKind::RotateUserCa
+                }
                 _ => {
                     // An agent cut off from auth (its audit events pile up in its spool),
                     // which then crashes and restarts while still cut off.

@@ -1,5 +1,5 @@
 //! What the simulator observes of one run: the trace, the statements the fake databases
-//! executed, the audit events the agents emitted and the ones the auth host stored, and
+//! executed, the audit events the agents emitted and the ones the auth server stored, and
 //! the sessions each side saw. The invariants are checked against this record.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,6 +67,8 @@ struct Inner {
     crashes: Vec<(String, Duration)>,
     /// Invariant violations seen while the run was going.
     violations: Vec<String>,
+    /// User CA rotations that completed: when, and the key id of the CA rotated out.
+    rotations: Vec<(Duration, Vec<u8>)>,
 }
 
 /// The shared record of a run. Cheap to clone; every host writes into the same one.
@@ -149,6 +151,24 @@ impl World {
         new
     }
 
+    /// What the auth server's audit log holds after the run, read back from it: the
+    /// record of stored events becomes exactly that (the notes taken per shipment are
+    /// only progress). An id stored twice is a violation.
+    pub fn stored_by_auth(&self, ids: &[String]) {
+        {
+            let mut inner = self.lock();
+            inner.stored_ids.clear();
+            inner.audited.clear();
+        }
+        let new = self.stored(ids);
+        if new != ids.len() {
+            self.lock().violations.push(format!(
+                "auth's audit log holds {} event(s) twice",
+                ids.len() - new
+            ));
+        }
+    }
+
     /// Whether auth has stored every event sessions emitted.
     pub fn all_stored(&self) -> bool {
         let inner = self.lock();
@@ -169,6 +189,15 @@ impl World {
     /// The harness crashed `host` at `at`.
     pub fn crashed(&self, host: &str, at: Duration) {
         self.lock().crashes.push((host.to_owned(), at));
+    }
+
+    /// A user CA rotation completed at `at`; `old` (key id) is no longer trusted.
+    pub fn rotation_completed(&self, at: Duration, old: Vec<u8>) {
+        self.lock().rotations.push((at, old));
+    }
+
+    pub fn rotations(&self) -> Vec<(Duration, Vec<u8>)> {
+        self.lock().rotations.clone()
     }
 
     pub fn crashes(&self) -> Vec<(String, Duration)> {

@@ -252,6 +252,18 @@ pub struct AgentService {
     config: AgentServiceConfig,
     databases: Vec<Prepared>,
     metrics: AgentMetrics,
+    audit_tap: Option<AuditTap>,
+}
+
+/// Sees every audit event a session emits, on its way to the spool (see
+/// [`AgentService::with_audit_tap`]).
+#[derive(Clone)]
+struct AuditTap(Arc<dyn Fn(&AuditEvent) + Send + Sync>);
+
+impl std::fmt::Debug for AuditTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditTap")
+    }
 }
 
 impl AgentService {
@@ -329,7 +341,15 @@ impl AgentService {
             config,
             databases,
             metrics: AgentMetrics::default(),
+            audit_tap: None,
         })
+    }
+
+    /// Calls `tap` with every audit event a session emits, before it is spooled: the
+    /// simulator records what sessions emitted to check it against what auth stored.
+    pub fn with_audit_tap(mut self, tap: impl Fn(&AuditEvent) + Send + Sync + 'static) -> Self {
+        self.audit_tap = Some(AuditTap(Arc::new(tap)));
+        self
     }
 
     /// Registers the agent's metrics (`postern_agent_*`) for the `/metrics` endpoint.
@@ -424,8 +444,8 @@ impl AgentService {
             .map(|k| ssh_key::PublicKey::from_openssh(k).map_err(bad_ssh))
             .collect::<Result<Vec<_>, _>>()?;
         let tls = postern_pki::tls::mtls_server_config(
-            vec![cert_der],
-            key_der,
+            vec![cert_der.clone()],
+            key_der.clone_key(),
             &user_cas,
             ring_provider(),
             clock.clone(),
@@ -433,7 +453,10 @@ impl AgentService {
         Ok(Started {
             auth,
             tls,
-            validator: Validator::new(user_cas),
+            validator: Validator::new(user_cas.clone()),
+            user_cas,
+            host_cert: cert_der,
+            host_key: key_der,
             db_ca_pem,
             ssh_key,
             ssh_cert,
@@ -510,7 +533,20 @@ impl AgentService {
             &self.runtime,
             timers.audit_spool_size_max,
         )?);
-        let (audit_tx, audit_rx) = mpsc::channel::<AuditEvent>(AUDIT_QUEUE_LEN);
+        let (audit_tx, mut audit_rx) = mpsc::channel::<AuditEvent>(AUDIT_QUEUE_LEN);
+        if let Some(AuditTap(tap)) = self.audit_tap.clone() {
+            // Sessions ─► tap ─► writer; the writer still ends when every session has.
+            let (tapped_tx, tapped_rx) = mpsc::channel::<AuditEvent>(AUDIT_QUEUE_LEN);
+            tokio::spawn(async move {
+                while let Some(event) = audit_rx.recv().await {
+                    tap(&event);
+                    if tapped_tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            audit_rx = tapped_rx;
+        }
         let writer = tokio::spawn(spool::write_events(
             Arc::clone(&spool),
             audit_rx,
@@ -602,6 +638,16 @@ impl AgentService {
             )
             .with_audit_gate(spool.gate()),
         );
+
+        // CA rotations: sessions trust the user CAs auth lists, polled like the roles.
+        let cas_task = tokio::spawn(follow_user_cas(
+            started.auth.clone(),
+            Arc::clone(&sessions),
+            (started.host_cert, started.host_key),
+            clock.clone(),
+            started.user_cas,
+            timers.roles_poll_period,
+        ));
 
         // Registry: announce with labels, keep alive, re-announce on label changes.
         let (labels_tx, labels_rx) = watch::channel(self.current_labels(&sessions));
@@ -723,6 +769,7 @@ impl AgentService {
         let _ = tunnel.await;
         background.shutdown().await;
         roles_task.abort();
+        cas_task.abort();
         // The last sender goes with the session service: the writer then finishes.
         drop(sessions);
         let _ = writer.await;
@@ -791,6 +838,10 @@ struct Started {
     auth: AuthClient,
     tls: Arc<rustls::ServerConfig>,
     validator: Validator,
+    /// The user CAs `tls` and `validator` trust, followed by [`follow_user_cas`].
+    user_cas: Vec<TrustedCa>,
+    host_cert: CertificateDer<'static>,
+    host_key: rustls_pki_types::PrivateKeyDer<'static>,
     db_ca_pem: String,
     ssh_key: ssh_key::PrivateKey,
     ssh_cert: ssh_key::Certificate,
@@ -877,6 +928,61 @@ pub async fn poll_roles(auth: AuthClient, cache: RoleCache, period: Duration) {
             Err(error) => tracing::warn!(%error, "cannot refresh roles; keeping the last ones"),
         }
         tokio::time::sleep(period).await;
+    }
+}
+
+// --- CA rotation ------------------------------------------------------------------------
+
+/// Polls the cluster's CAs every `period`; when the user CAs change (a rotation moved
+/// on), new sessions are checked against the new set (both CAs while a rotation is in
+/// flight, the new one only once it completed). A failed poll keeps the current set.
+async fn follow_user_cas(
+    auth: AuthClient,
+    sessions: Arc<AgentSessions>,
+    host: (
+        CertificateDer<'static>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ),
+    clock: Arc<postern_rt::WallClock>,
+    mut known: Vec<TrustedCa>,
+    period: Duration,
+) {
+    let ders =
+        |cas: &[TrustedCa]| -> Vec<Vec<u8>> { cas.iter().map(|ca| ca.der().to_vec()).collect() };
+    loop {
+        tokio::time::sleep(period).await;
+        let user: Vec<TrustedCa> = match auth
+            .cas()
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|pem| TrustedCa::from_pem_bundle(&pem).map_err(|e| e.to_string()))
+        {
+            Ok(cas) => cas
+                .into_iter()
+                .filter(|ca| ca.kind() == CaKind::User)
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the cluster's CAs; keeping the current ones");
+                continue;
+            }
+        };
+        if user.is_empty() || ders(&user) == ders(&known) {
+            continue;
+        }
+        match postern_pki::tls::mtls_server_config(
+            vec![host.0.clone()],
+            host.1.clone_key(),
+            &user,
+            ring_provider(),
+            clock.clone(),
+        ) {
+            Ok(tls) => {
+                sessions.set_user_trust(tls, Validator::new(user.clone()));
+                tracing::info!(count = user.len(), "user CAs changed; sessions follow");
+                known = user;
+            }
+            Err(error) => tracing::warn!(%error, "cannot trust the new user CAs"),
+        }
     }
 }
 

@@ -324,7 +324,9 @@ pub struct SessionService<R, C> {
     /// The served databases, with labels that dynamic label commands update.
     databases: std::sync::RwLock<Vec<ServedDatabase>>,
     audit_gate: Option<crate::spool::AuditGate>,
-    acceptor: TlsAcceptor,
+    /// The TLS acceptor and validator of proxy→agent certificates: replaced when the
+    /// user CAs change (a CA rotation), read once per session.
+    trust: std::sync::RwLock<Arc<UserTrust>>,
     net: Net,
     clock: WallClock,
     rng: Rng,
@@ -353,6 +355,12 @@ impl<R, C> std::fmt::Debug for SessionService<R, C> {
     }
 }
 
+/// What proxy→agent certificates are checked against.
+struct UserTrust {
+    acceptor: TlsAcceptor,
+    validator: Validator,
+}
+
 impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
     /// Sessions on `runtime`'s network, clock and RNG; audit events go to `audit`
     /// (bounded: when it is full, sessions wait rather than run unaudited).
@@ -364,7 +372,10 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
         audit: mpsc::Sender<AuditEvent>,
     ) -> Self {
         Self {
-            acceptor: TlsAcceptor::from(config.tls.clone()),
+            trust: std::sync::RwLock::new(Arc::new(UserTrust {
+                acceptor: TlsAcceptor::from(config.tls.clone()),
+                validator: config.validator.clone(),
+            })),
             databases: std::sync::RwLock::new(config.databases.clone()),
             audit_gate: None,
             config,
@@ -383,6 +394,26 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
     pub fn with_audit_gate(mut self, gate: crate::spool::AuditGate) -> Self {
         self.audit_gate = Some(gate);
         self
+    }
+
+    /// Trusts other user CAs from now on (both while a CA rotation is in flight): `tls`
+    /// and `validator` as in [`SessionConfig`]. Sessions already open are not affected.
+    pub fn set_user_trust(&self, tls: Arc<rustls::ServerConfig>, validator: Validator) {
+        let trust = Arc::new(UserTrust {
+            acceptor: TlsAcceptor::from(tls),
+            validator,
+        });
+        *self
+            .trust
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = trust;
+    }
+
+    fn trust(&self) -> Arc<UserTrust> {
+        self.trust
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces the labels of the served database `name` (dynamic labels); the next
@@ -415,17 +446,21 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
     pub async fn serve(&self, channel: IncomingChannel) -> Result<SessionEnd, SessionError> {
         let timeout = self.config.handshake_timeout;
         let deadline = Instant::from_std(monotonic_now()) + timeout;
-        let mut tls =
-            match tokio::time::timeout_at(deadline, self.acceptor.accept(channel.connection)).await
-            {
-                Err(_) => return Err(SessionError::HandshakeTimeout { timeout }),
-                Ok(Err(e)) => {
-                    return Err(SessionError::Handshake {
-                        reason: explain_handshake(&e),
-                    });
-                }
-                Ok(Ok(tls)) => tls,
-            };
+        let trust = self.trust();
+        let mut tls = match tokio::time::timeout_at(
+            deadline,
+            trust.acceptor.accept(channel.connection),
+        )
+        .await
+        {
+            Err(_) => return Err(SessionError::HandshakeTimeout { timeout }),
+            Ok(Err(e)) => {
+                return Err(SessionError::Handshake {
+                    reason: explain_handshake(&e),
+                });
+            }
+            Ok(Ok(tls)) => tls,
+        };
 
         // One RNG stream per session: its draws do not shift other sessions'.
         let rng = self.rng.fork();
@@ -441,7 +476,13 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             db_user: None,
         };
         let opened = self
-            .open(&mut tls, &channel.database, deadline, &mut common)
+            .open(
+                &mut tls,
+                &trust.validator,
+                &channel.database,
+                deadline,
+                &mut common,
+            )
             .await;
         let (startup_rest, upstream, controls) = match opened {
             Ok(opened) => opened,
@@ -481,13 +522,14 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
     async fn open(
         &self,
         tls: &mut TlsStream<Connection>,
+        validator: &Validator,
         channel_database: &str,
         deadline: Instant,
         common: &mut Common,
     ) -> Result<(Vec<u8>, crate::upstream::postgres::Upstream, Controls), SessionError> {
         let verified = peer_identity(
             tls.get_ref().1.peer_certificates(),
-            &self.config.validator,
+            validator,
             Purpose::ProxyToAgent,
             self.clock.now(),
         );

@@ -244,6 +244,13 @@ impl<B: Backend, A: AuditLog> AuthServer<B, A> {
         }
     }
 
+    /// The CA that signs new certificates of `kind` now (the next one from the
+    /// update_clients phase of a rotation on). For tools and the simulator, which issue
+    /// certificates as the auth server would without going through its API.
+    pub async fn signing_ca(&self, kind: CaKind) -> Result<CertAuthority, Error> {
+        self.signer(kind).await
+    }
+
     /// Rotation phase and trusted CAs of one kind.
     pub async fn ca_status(&self, kind: CaKind) -> Result<CaStatus, Error> {
         let (stored, _) = self.load_cas(kind).await?;

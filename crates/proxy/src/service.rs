@@ -257,6 +257,82 @@ impl Collector for TunnelsConnected {
     }
 }
 
+/// The PostgreSQL port's and the web port's front doors.
+struct Doors {
+    postgres: FrontDoor,
+    web: FrontDoor,
+}
+
+/// Builds the front doors for a set of user CAs.
+struct DoorMaker {
+    host_cert: IssuedCert,
+    host_key: PrivateKey,
+    handshake_timeout: Duration,
+    clock: postern_rt::WallClock,
+}
+
+impl DoorMaker {
+    fn doors(&self, user_cas: &[TrustedCa]) -> Result<Doors, ProxyError> {
+        if user_cas.is_empty() {
+            return Err(ProxyError::Config {
+                field: "user_cas",
+                reason: "is empty: the proxy would trust no client certificate".to_owned(),
+            });
+        }
+        let validator = Arc::new(Validator::new(user_cas.iter().cloned()));
+        let door = |alpn: &[&[u8]]| -> Result<FrontDoor, ProxyError> {
+            let tls = server_config(
+                &self.host_cert,
+                &self.host_key,
+                user_cas,
+                alpn,
+                ring_provider(),
+                Arc::new(self.clock.clone()),
+            )?;
+            Ok(FrontDoor::new(tls, validator.clone(), self.clock.clone())
+                .with_handshake_timeout(self.handshake_timeout))
+        };
+        Ok(Doors {
+            postgres: door(ALPN_PROTOCOLS)?,
+            web: door(&[ALPN_POSTERN_POSTGRES])?,
+        })
+    }
+}
+
+/// A handle on a running proxy's shared state: whoever follows the cluster's CAs (the
+/// daemon, the simulator) changes the trusted user CAs through it during a rotation.
+pub struct ProxyHandle<S> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S> Clone for ProxyHandle<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for ProxyHandle<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyHandle").finish_non_exhaustive()
+    }
+}
+
+impl<S> ProxyHandle<S> {
+    /// New client connections are checked against `user_cas` from now on (both CAs
+    /// while a rotation is in flight). Open sessions are not affected.
+    pub fn set_user_cas(&self, user_cas: &[TrustedCa]) -> Result<(), ProxyError> {
+        let doors = Arc::new(self.shared.door_maker.doors(user_cas)?);
+        *self
+            .shared
+            .doors
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = doors;
+        Ok(())
+    }
+}
+
 /// The proxy service. See the module documentation.
 pub struct ProxyService<S> {
     shared: Arc<Shared<S>>,
@@ -285,8 +361,10 @@ struct Bound {
 struct Shared<S> {
     runtime: Runtime,
     cluster: String,
-    postgres_door: FrontDoor,
-    web_door: FrontDoor,
+    /// The front doors, rebuilt when the user CAs change (a CA rotation).
+    doors: std::sync::RwLock<Arc<Doors>>,
+    /// What the doors are built from.
+    door_maker: DoorMaker,
     dispatcher: Dispatcher<S>,
     tunnels: ProxyTunnels,
     auth_api_addr: Option<String>,
@@ -337,21 +415,13 @@ impl<S: DbAccessSigner + 'static> ProxyService<S> {
             });
         }
         let clock = runtime.clock().clone();
-        let validator = Arc::new(Validator::new(config.user_cas.iter().cloned()));
-        let door = |alpn: &[&[u8]]| -> Result<FrontDoor, ProxyError> {
-            let tls = server_config(
-                &config.host_cert,
-                &config.host_key,
-                &config.user_cas,
-                alpn,
-                ring_provider(),
-                Arc::new(clock.clone()),
-            )?;
-            Ok(FrontDoor::new(tls, validator.clone(), clock.clone())
-                .with_handshake_timeout(config.limits.handshake_timeout))
+        let door_maker = DoorMaker {
+            host_cert: config.host_cert,
+            host_key: config.host_key,
+            handshake_timeout: config.limits.handshake_timeout,
+            clock: clock.clone(),
         };
-        let postgres_door = door(ALPN_PROTOCOLS)?;
-        let web_door = door(&[ALPN_POSTERN_POSTGRES])?;
+        let doors = door_maker.doors(&config.user_cas)?;
         let tunnels = ProxyTunnels::new(
             runtime,
             postern_tunnel::ProxyConfig::new(
@@ -370,8 +440,8 @@ impl<S: DbAccessSigner + 'static> ProxyService<S> {
         let shared = Shared {
             runtime: runtime.clone(),
             cluster: config.cluster,
-            postgres_door,
-            web_door,
+            doors: std::sync::RwLock::new(Arc::new(doors)),
+            door_maker,
             dispatcher,
             tunnels,
             auth_api_addr: config.auth_api_addr,
@@ -394,6 +464,13 @@ impl<S: DbAccessSigner + 'static> ProxyService<S> {
         self.shared
             .metrics
             .register(registry, self.shared.tunnels.clone());
+    }
+
+    /// A handle to change the trusted user CAs while the proxy runs.
+    pub fn handle(&self) -> ProxyHandle<S> {
+        ProxyHandle {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// The agents' tunnels (for status pages and tests).
@@ -547,12 +624,22 @@ enum WebRoute {
     Passthrough,
 }
 
+impl<S> Shared<S> {
+    fn doors(&self) -> Arc<Doors> {
+        self.doors
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
 impl<S: DbAccessSigner + 'static> Shared<S> {
     /// One connection on the PostgreSQL port.
     async fn serve_postgres(self: Arc<Self>, conn: Connection) {
         let peer = conn.peer_addr();
         self.metrics.handshakes.inc();
-        let accepted = self.postgres_door.accept(conn).await;
+        let door = self.doors().postgres.clone();
+        let accepted = door.accept(conn).await;
         self.serve_accepted(accepted, peer).await;
     }
 
@@ -575,7 +662,8 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
         match route {
             WebRoute::Postgres => {
                 self.metrics.handshakes.inc();
-                let accepted = self.web_door.accept_routed(hello, conn).await;
+                let door = self.doors().web.clone();
+                let accepted = door.accept_routed(hello, conn).await;
                 self.serve_accepted(accepted, peer).await;
             }
             WebRoute::Passthrough => self.pass_through(hello, conn, peer).await,
