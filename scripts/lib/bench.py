@@ -133,8 +133,14 @@ ROWS = [
     ("so16_tps", "select-only, 16 clients", "TPS", "higher", 0),
     ("so16_p50", "select-only, 16 clients, latency p50", "µs", "lower", 0),
     ("so16_p99", "select-only, 16 clients, latency p99", "µs", "lower", 0),
+    ("so1_switches", "select-only, 1 client: Postern's context switches per transaction", "", "lower", 1),
+    ("so1_cpu_us", "select-only, 1 client: Postern's CPU per transaction", "µs", "lower", 1),
+    ("so16_switches", "select-only, 16 clients: Postern's context switches per transaction", "", "lower", 1),
+    ("so16_cpu_us", "select-only, 16 clients: Postern's CPU per transaction", "µs", "lower", 1),
     ("tpcb_tps", "TPC-B, 16 clients", "TPS", "higher", 0),
     ("conn_cps", "new connection per transaction (-C -S), 16 clients", "conn/s", "higher", 0),
+    ("conn_switches", "new connection: Postern's context switches per connection", "", "lower", 0),
+    ("conn_cpu_us", "new connection: Postern's CPU per connection", "µs", "lower", 0),
     ("copy_mbs", "COPY TO STDOUT through psql", "MB/s", "higher", 1),
     ("mem_before_mib", "RSS before the idle sessions", "MiB", "lower", 1),
     ("mem_after_mib", "RSS with the idle sessions open", "MiB", "lower", 1),
@@ -182,6 +188,10 @@ def report(args):
     reps = {key: len(v) for key, v in values.items()}
 
     header = ["figure", "unit", "direct", "PgBouncer", "Postern", "Postern/direct", "Postern/PgBouncer"]
+    # An A/B run (scripts/bench --targets ...,postern-b): B's figures and B/A beside them.
+    with_b = any(target == "postern-b" for target, _ in median)
+    if with_b:
+        header += ["Postern B", "B/A"]
     rows = []
     for metric, label, unit, _better, decimals in ROWS:
         if metric == "copy_mbs":
@@ -194,6 +204,9 @@ def report(args):
             + [fmt(c, decimals) for c in cells]
             + [fmt(ratio(cells[2], cells[0]), 2), fmt(ratio(cells[2], cells[1]), 2)]
         )
+        if with_b:
+            b = median.get(("postern-b", metric))
+            rows[-1] += [fmt(b, decimals), fmt(ratio(b, cells[2]), 2)]
 
     def get(target, metric):
         return median.get((target, metric))
