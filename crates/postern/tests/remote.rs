@@ -5,185 +5,24 @@
 //! the cluster's certificates through the remote proxy and the remote agent, and the
 //! session's audit events land in the auth server's log.
 
-use std::io::{Read, Write};
+mod daemon;
+
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use postern_testkit::{PostgresOptions, PostgresServer, ServerTls, free_port};
+use daemon::{Daemon, PASSWORD, audit_events, prepare_cluster, psql, sample, scrape, wait_for};
+use postern_testkit::free_port;
 
 const CLUSTER: &str = "remote-test";
-const PASSWORD: &str = "correct horse battery staple";
-
-const ROLES: &str = r#"
-[[role]]
-name = "dev"
-allow.db_labels = { env = "dev" }
-allow.db_users = ["{{internal.db_users}}"]
-allow.db_names = ["*"]
-"#;
 
 fn postern(data_dir: &Path, home: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(args)
-        .env("POSTERN_DATA_DIR", data_dir)
-        .env("POSTERN_CLUSTER", CLUSTER)
-        .env("HOME", home)
-        .env("USER", "tester")
-        .env_remove("POSTERN_POSTGRES")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.unwrap_or("").as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    daemon::postern(CLUSTER, data_dir, home, args, stdin)
 }
 
 fn ok(data_dir: &Path, home: &Path, args: &[&str], stdin: Option<&str>) -> String {
-    let out = postern(data_dir, home, args, stdin);
-    assert!(
-        out.status.success(),
-        "postern {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `GET /metrics`; the body, or None when not (yet) reachable.
-fn scrape(port: u16) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.contains(" 200 ").then(|| body.to_owned())
-}
-
-fn sample(metrics: &str, line_start: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(line_start))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// One `postern start` process; killed if the test ends early.
-struct Daemon {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(name: &'static str, config: &Path, log: &Path) -> Self {
-        let log_file = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_postern"))
-            .args(["start", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
-        Self {
-            name,
-            child,
-            log: log.to_owned(),
-        }
-    }
-
-    fn log(&self) -> String {
-        format!(
-            "--- {} log ---\n{}",
-            self.name,
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        )
-    }
-
-    fn assert_running(&mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "{} exited:\n{}",
-            self.name,
-            self.log()
-        );
-    }
-
-    /// SIGTERM, then the exit status within `limit`.
-    fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "{} did not exit within {limit:?}:\n{}",
-            self.name,
-            self.log()
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits until `ready` holds, checking that every daemon still runs.
-fn wait_for(what: &str, daemons: &mut [&mut Daemon], mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if ready() {
-            return;
-        }
-        for daemon in daemons.iter_mut() {
-            daemon.assert_running();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let logs: Vec<String> = daemons.iter().map(|d| d.log()).collect();
-    panic!("{what}: not within 60 s\n{}", logs.join("\n"));
-}
-
-fn psql(home: &Path, sql: &str) -> Output {
-    Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-t",
-            "-A",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "service=orders",
-            "-c",
-        ])
-        .arg(sql)
-        .env("HOME", home)
-        .env("PGSERVICEFILE", home.join(".pg_service.conf"))
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .unwrap()
+    daemon::ok(CLUSTER, data_dir, home, args, stdin)
 }
 
 // Three processes: psql reaches PostgreSQL through a proxy and an agent that each joined
@@ -200,66 +39,7 @@ fn auth_proxy_and_agent_in_three_processes_serve_psql() {
     std::fs::create_dir_all(&home).unwrap();
 
     // The cluster's state, prepared with `postern admin` on the auth server's folder.
-    let server = dir.path().join("server");
-    let server_arg = server.display().to_string();
-    ok(
-        &auth_data,
-        &home,
-        &[
-            "admin",
-            "auth",
-            "sign",
-            "--format",
-            "db",
-            "--host",
-            "localhost",
-            "--out",
-            &server_arg,
-            "--ttl",
-            "24h",
-        ],
-        None,
-    );
-    let read = |ext: &str| std::fs::read_to_string(format!("{server_arg}.{ext}")).unwrap();
-    let database = PostgresServer::start(PostgresOptions {
-        tls: Some(ServerTls {
-            cert_pem: read("crt"),
-            key_pem: read("key"),
-            client_ca_pem: read("cas"),
-        }),
-        ..Default::default()
-    })
-    .unwrap();
-    database
-        .psql(
-            "postgres",
-            "create role alice login; create table notes (body text); grant all on notes to alice",
-        )
-        .unwrap();
-    let roles = dir.path().join("roles.toml");
-    std::fs::write(&roles, ROLES).unwrap();
-    ok(
-        &auth_data,
-        &home,
-        &["admin", "roles", "apply", &roles.display().to_string()],
-        None,
-    );
-    ok(
-        &auth_data,
-        &home,
-        &[
-            "admin",
-            "users",
-            "add",
-            "alice",
-            "--roles",
-            "dev",
-            "--db-users",
-            "alice",
-            "--password-stdin",
-        ],
-        Some(&format!("{PASSWORD}\n")),
-    );
+    let database = prepare_cluster(CLUSTER, &auth_data, &home, dir.path());
     let token = |kind: &str| {
         ok(
             &auth_data,
@@ -437,32 +217,21 @@ listen = "127.0.0.1:{db_metrics}"
 
     // The audit events, from the agent's spool, are in the auth server's log; so are
     // the two joins.
-    let mut events = String::new();
-    for _ in 0..100 {
-        events = ok(
-            &auth_data,
-            &home,
-            &["audit", "search", "--since", "1h"],
-            None,
-        );
-        if events.contains("db.session.end") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let has = |event: &str, text: &str| {
-        events
-            .lines()
-            .any(|line| line.contains(&format!("\"event\":\"{event}\"")) && line.contains(text))
-    };
-    assert!(has("db.session.start", "\"user\":\"alice\""), "{events}");
+    let events = audit_events(CLUSTER, &auth_data, &home);
     assert!(
-        has("db.session.query", "across three processes"),
+        events.has("db.session.start", "\"user\":\"alice\""),
         "{events}"
     );
-    assert!(has("db.session.end", "\"db_user\":\"alice\""), "{events}");
-    assert!(has("auth.token.used", "proxy-1"), "{events}");
-    assert!(has("auth.token.used", "db-1"), "{events}");
+    assert!(
+        events.has("db.session.query", "across three processes"),
+        "{events}"
+    );
+    assert!(
+        events.has("db.session.end", "\"db_user\":\"alice\""),
+        "{events}"
+    );
+    assert!(events.has("auth.token.used", "proxy-1"), "{events}");
+    assert!(events.has("auth.token.used", "db-1"), "{events}");
 
     // A session still running when the proxy's drain timeout ends is told why it is
     // closed: psql prints the FATAL 57P01 the proxy sends.

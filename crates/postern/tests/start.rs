@@ -2,134 +2,23 @@
 //! in one process on free ports, a throwaway PostgreSQL that accepts only certificates
 //! from the cluster's database CA, the real `postern login` / `db login` and `psql`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod daemon;
+
+use std::path::Path;
+use std::process::Output;
 use std::time::Duration;
 
-use postern_testkit::{PostgresOptions, PostgresServer, ServerTls, free_port};
+use daemon::{Daemon, PASSWORD, audit_events, prepare_cluster, psql, sample, scrape, wait_for};
+use postern_testkit::free_port;
 
 const CLUSTER: &str = "start-test";
 
-const ROLES: &str = r#"
-[[role]]
-name = "dev"
-allow.db_labels = { env = "dev" }
-allow.db_users = ["{{internal.db_users}}"]
-allow.db_names = ["*"]
-"#;
-
 fn postern(data_dir: &Path, home: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(args)
-        .env("POSTERN_DATA_DIR", data_dir)
-        .env("POSTERN_CLUSTER", CLUSTER)
-        .env("HOME", home)
-        .env("USER", "tester")
-        .env_remove("POSTERN_POSTGRES")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let input = stdin.unwrap_or("");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    daemon::postern(CLUSTER, data_dir, home, args, stdin)
 }
 
 fn ok(data_dir: &Path, home: &Path, args: &[&str], stdin: Option<&str>) -> String {
-    let out = postern(data_dir, home, args, stdin);
-    assert!(
-        out.status.success(),
-        "postern {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `GET /metrics` with a bare HTTP/1.0 request; the body, or None when not reachable.
-fn scrape(port: u16) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.").then_some(())?;
-    head.contains(" 200 ").then(|| body.to_owned())
-}
-
-/// The value of one sample line (`name{labels} value`), or 0.
-fn sample(metrics: &str, line_start: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(line_start))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits up to `limit` for the process to exit; its exit status.
-    fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(config: &Path, log: &Path) -> Daemon {
-    let log_file = std::fs::File::create(log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["start", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .unwrap();
-    Daemon {
-        child,
-        log: log.to_owned(),
-    }
+    daemon::ok(CLUSTER, data_dir, home, args, stdin)
 }
 
 // The whole product in one process: psql reaches PostgreSQL through `postern start`'s
@@ -142,68 +31,7 @@ fn all_in_one_serves_psql_metrics_audit_and_stops_on_sigterm() {
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
 
-    // A database set up the Postern way, from the cluster's database CA.
-    let server = dir.path().join("server");
-    let server_arg = server.display().to_string();
-    ok(
-        &data,
-        &home,
-        &[
-            "admin",
-            "auth",
-            "sign",
-            "--format",
-            "db",
-            "--host",
-            "localhost",
-            "--out",
-            &server_arg,
-            "--ttl",
-            "24h",
-        ],
-        None,
-    );
-    let read = |ext: &str| std::fs::read_to_string(format!("{server_arg}.{ext}")).unwrap();
-    let database = PostgresServer::start(PostgresOptions {
-        tls: Some(ServerTls {
-            cert_pem: read("crt"),
-            key_pem: read("key"),
-            client_ca_pem: read("cas"),
-        }),
-        ..Default::default()
-    })
-    .unwrap();
-    database
-        .psql(
-            "postgres",
-            "create role alice login; create table notes (body text); grant all on notes to alice",
-        )
-        .unwrap();
-
-    let roles = dir.path().join("roles.toml");
-    std::fs::write(&roles, ROLES).unwrap();
-    ok(
-        &data,
-        &home,
-        &["admin", "roles", "apply", &roles.display().to_string()],
-        None,
-    );
-    ok(
-        &data,
-        &home,
-        &[
-            "admin",
-            "users",
-            "add",
-            "alice",
-            "--roles",
-            "dev",
-            "--db-users",
-            "alice",
-            "--password-stdin",
-        ],
-        Some("correct horse battery staple\n"),
-    );
+    let database = prepare_cluster(CLUSTER, &data, &home, dir.path());
 
     let [auth, pg, web, tunnel, metrics] = [(); 5].map(|()| free_port().unwrap());
     let config = dir.path().join("postern.toml");
@@ -255,24 +83,16 @@ listen = "127.0.0.1:{metrics}"
         String::from_utf8_lossy(&check.stderr)
     );
 
-    let mut daemon = start(&config, &dir.path().join("postern.log"));
+    let mut daemon = Daemon::start("postern", &config, &dir.path().join("postern.log"));
     // Ready when the agent's tunnel is up at the proxy.
-    let mut ready = false;
-    for _ in 0..300 {
-        if let Some(text) = scrape(metrics)
-            && sample(&text, "postern_proxy_tunnels_connected") >= 1.0
-        {
-            ready = true;
-            break;
-        }
-        assert!(
-            daemon.child.try_wait().unwrap().is_none(),
-            "postern start exited:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(ready, "no tunnel within 30 s:\n{}", daemon.log());
+    wait_for(
+        "the agent's tunnel at the proxy",
+        &mut [&mut daemon],
+        || {
+            scrape(metrics)
+                .is_some_and(|text| sample(&text, "postern_proxy_tunnels_connected") >= 1.0)
+        },
+    );
 
     // The user's side: password login through the proxy's web port, then db login.
     ok(
@@ -289,7 +109,7 @@ listen = "127.0.0.1:{metrics}"
             &format!("localhost:{pg}"),
             "--danger-insecure-skip-verify",
         ],
-        Some("correct horse battery staple\n"),
+        Some(&format!("{PASSWORD}\n")),
     );
     let mut logged_in = false;
     for _ in 0..50 {
@@ -316,14 +136,10 @@ listen = "127.0.0.1:{metrics}"
     }
     assert!(logged_in, "db login never succeeded:\n{}", daemon.log());
 
-    let psql = Command::new("psql")
-        .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "service=orders", "-c"])
-        .arg("insert into notes values ('via postern start'); select current_user || ' ' || body from notes")
-        .env("HOME", &home)
-        .env("PGSERVICEFILE", home.join(".pg_service.conf"))
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .unwrap();
+    let psql = psql(
+        &home,
+        "insert into notes values ('via postern start'); select current_user || ' ' || body from notes",
+    );
     assert!(
         psql.status.success(),
         "psql failed: {}\n{}",
@@ -348,29 +164,26 @@ listen = "127.0.0.1:{metrics}"
     assert!(sample(&text, "postern_proxy_bytes_relayed") > 0.0, "{text}");
 
     // The audit log (shipped from the agent's spool to auth) has the session.
-    let mut events = String::new();
-    for _ in 0..100 {
-        events = ok(&data, &home, &["audit", "search", "--since", "1h"], None);
-        if events.contains("db.session.end") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let has = |event: &str, text: &str| {
-        events
-            .lines()
-            .any(|line| line.contains(&format!("\"event\":\"{event}\"")) && line.contains(text))
-    };
-    assert!(has("db.session.start", "\"user\":\"alice\""), "{events}");
-    assert!(has("db.session.query", "insert into notes"), "{events}");
-    assert!(has("db.session.end", "\"db_user\":\"alice\""), "{events}");
+    let events = audit_events(CLUSTER, &data, &home);
+    assert!(
+        events.has("db.session.start", "\"user\":\"alice\""),
+        "{events}"
+    );
+    assert!(
+        events.has("db.session.query", "insert into notes"),
+        "{events}"
+    );
+    assert!(
+        events.has("db.session.end", "\"db_user\":\"alice\""),
+        "{events}"
+    );
 
     // SIGTERM: drain, exit 0, logs in JSON lines.
     daemon.signal("TERM");
     let status = daemon
         .wait(Duration::from_secs(20))
         .expect("exits within 20 s of SIGTERM");
-    let log = daemon.log();
+    let log = daemon.log_text();
     assert!(status.success(), "exit {status:?}:\n{log}");
     assert!(log.contains("shutting down"), "{log}");
     assert!(

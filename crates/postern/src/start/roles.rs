@@ -114,15 +114,15 @@ pub(crate) async fn run(config: Config, config_path: PathBuf) -> Result<(), BoxE
                         .map_err(|error| format!("audit log {}: {error}", audit_dir.display()))?;
                     let server =
                         AuthServer::new(backend, audit, clock, runtime.rng().clone(), auth_config)?;
-                    let (local, api) =
-                        Local::start(Arc::new(server), auth, listener, data_dir).await?;
-                    run_roles(
+                    let stop = (stop_tx, stop_rx);
+                    run_with_auth(
+                        server,
+                        auth,
+                        listener,
                         &config,
                         &runtime,
-                        Some((&local, api)),
                         metrics_listener,
-                        stop_tx,
-                        stop_rx,
+                        stop,
                     )
                     .await
                 }
@@ -139,21 +139,44 @@ pub(crate) async fn run(config: Config, config_path: PathBuf) -> Result<(), BoxE
                         .map_err(|error| format!("auth.postgres (audit): {error}"))?;
                     let server =
                         AuthServer::new(backend, audit, clock, runtime.rng().clone(), auth_config)?;
-                    let (local, api) =
-                        Local::start(Arc::new(server), auth, listener, data_dir).await?;
-                    run_roles(
+                    let stop = (stop_tx, stop_rx);
+                    run_with_auth(
+                        server,
+                        auth,
+                        listener,
                         &config,
                         &runtime,
-                        Some((&local, api)),
                         metrics_listener,
-                        stop_tx,
-                        stop_rx,
+                        stop,
                     )
                     .await
                 }
             }
         }
     }
+}
+
+/// Runs every role of `config` with `server` as this process's auth server, serving its
+/// API on `listener`.
+async fn run_with_auth<B: Backend, A: AuditLog>(
+    server: AuthServer<B, A>,
+    section: &AuthSection,
+    listener: postern_rt::Listener,
+    config: &Config,
+    runtime: &Runtime,
+    metrics_listener: Option<postern_rt::Listener>,
+    (stop_tx, stop_rx): (Arc<watch::Sender<bool>>, watch::Receiver<bool>),
+) -> Result<(), BoxError> {
+    let (local, api) = Local::start(Arc::new(server), section, listener, &config.data_dir).await?;
+    run_roles(
+        config,
+        runtime,
+        Some((&local, api)),
+        metrics_listener,
+        stop_tx,
+        stop_rx,
+    )
+    .await
 }
 
 /// SIGINT or SIGTERM starts the drain; a second one stops at once.
