@@ -307,10 +307,15 @@ async fn follow_user_cas(
 }
 
 /// Signs proxy→agent certificates through the auth API (`POST /v1/db-access`), as
-/// `postern start` does for its proxy.
+/// `postern start` does for its proxy. The dispatcher calls it with the identity the
+/// front door just admitted, so the simulator checks that identity here: it must be
+/// valid by the proxy's own clock.
 #[derive(Debug)]
 pub struct ApiSigner {
     auth: AuthClient,
+    proxy: String,
+    clock: WallClock,
+    world: World,
 }
 
 impl DbAccessSigner for ApiSigner {
@@ -318,6 +323,19 @@ impl DbAccessSigner for ApiSigner {
         &self,
         user: &VerifiedIdentity,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+        // Certificate times are whole seconds.
+        let identity = user.identity();
+        let (now, expires) = (self.clock.now().as_secs(), identity.expires.as_secs());
+        if now > expires + 1 {
+            self.world.violation(
+                &self.proxy,
+                format!(
+                    "front door admitted {} with a certificate expired {}s ago",
+                    identity.user,
+                    now - expires
+                ),
+            );
+        }
         let key = PrivateKey::generate().map_err(|e| e.to_string())?;
         let b64 = base64::engine::general_purpose::STANDARD;
         let answer = self
@@ -358,7 +376,7 @@ pub async fn run_proxy(host: &ProxyHost, runtime: Runtime, world: &World) -> tur
     let mut delay = STARTUP_RETRY_MIN;
     let mut waited = false;
     let (service, auth, user_cas) = loop {
-        match build_proxy(host, &runtime).await {
+        match build_proxy(host, &runtime, world).await {
             Ok(built) => break built,
             Err(error) => {
                 if !waited {
@@ -385,7 +403,11 @@ pub async fn run_proxy(host: &ProxyHost, runtime: Runtime, world: &World) -> tur
 /// The proxy service, its auth client and the user CAs it trusts at start.
 type BuiltProxy = (ProxyService<ApiSigner>, AuthClient, Vec<TrustedCa>);
 
-async fn build_proxy(host: &ProxyHost, runtime: &Runtime) -> Result<BuiltProxy, BoxError> {
+async fn build_proxy(
+    host: &ProxyHost,
+    runtime: &Runtime,
+    world: &World,
+) -> Result<BuiltProxy, BoxError> {
     let auth_cas = TrustedCa::from_pem_bundle(&host.auth_ca_pem)?;
     let clock = Arc::new(runtime.clock().clone());
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -467,7 +489,12 @@ async fn build_proxy(host: &ProxyHost, runtime: &Runtime) -> Result<BuiltProxy, 
         host_ca_ssh_keys,
         limits: ProxyLimits::default(),
     };
-    let signer = ApiSigner { auth: auth.clone() };
+    let signer = ApiSigner {
+        auth: auth.clone(),
+        proxy: host.name.clone(),
+        clock: runtime.clock().clone(),
+        world: world.clone(),
+    };
     Ok((
         ProxyService::new(runtime, config, signer)?,
         auth,
