@@ -234,6 +234,18 @@ impl Auth {
         ));
     }
 
+    /// Serves the API on a free loopback port; a client for it.
+    async fn serve(&self) -> AuthClient {
+        let listener = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(api::serve(
+            Arc::clone(&self.server),
+            listener,
+            vec!["auth.spool".into()],
+        ));
+        self.client(&addr)
+    }
+
     async fn stored(&self) -> Vec<AuditEvent> {
         let mut query = AuditQuery::between(
             OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
@@ -292,14 +304,7 @@ async fn auth_down_then_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resent_events_are_stored_once() {
     let auth = Auth::new().await;
-    let listener = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(api::serve(
-        Arc::clone(&auth.server),
-        listener,
-        vec!["auth.spool".into()],
-    ));
-    let client = auth.client(&addr);
+    let client = auth.serve().await;
     let dir = tempfile::tempdir().unwrap();
     {
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
@@ -346,13 +351,7 @@ async fn large_backlog_is_delivered_in_batches_auth_accepts() {
         )
     };
     let auth = Auth::new().await;
-    let listener = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(api::serve(
-        Arc::clone(&auth.server),
-        listener,
-        vec!["auth.spool".into()],
-    ));
+    let client = auth.serve().await;
     let dir = tempfile::tempdir().unwrap();
     let spool = Arc::new(Spool::open(dir.path(), 64 << 20).unwrap());
     let backlog: Vec<AuditEvent> = (0..EVENTS).map(big).collect();
@@ -377,7 +376,7 @@ async fn large_backlog_is_delivered_in_batches_auth_accepts() {
 
     let shipper = tokio::spawn(spool::ship_events(
         Arc::clone(&spool),
-        auth.client(&addr),
+        client,
         Blocking::Pool,
     ));
     wait_for(async || spool.size() == 0, "the backlog to be delivered").await;
