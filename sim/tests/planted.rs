@@ -66,6 +66,11 @@ fn pki_accepting_expired_certificates_is_caught() {
     caught_within_the_seed_budget(Bug::PkiExpiryGrace);
 }
 
+#[test]
+fn agent_ignoring_a_ca_rotation_is_caught() {
+    caught_within_the_seed_budget(Bug::AgentIgnoresCaRotation);
+}
+
 // The selector is per thread and off by default: a seed run without selecting anything
 // has every bug off.
 #[test]

@@ -27,14 +27,19 @@ pub enum Bug {
     /// PKI: certificates are accepted up to 5 minutes past their expiry
     /// (`crates/pki/src/validate.rs`).
     PkiExpiryGrace,
+    /// Agent: keeps trusting the user CAs it started with when a CA rotation moves on,
+    /// so it refuses proxy→agent certificates from the new CA
+    /// (`crates/agent/src/service.rs`, `follow_user_cas`).
+    AgentIgnoresCaRotation,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 4] = [
+    pub const ALL: [Bug; 5] = [
         Bug::AgentSkipsSecondRoleCheck,
         Bug::AgentDropsSpoolOnRestart,
         Bug::ProxyRoutesToFirstAgent,
         Bug::PkiExpiryGrace,
+        Bug::AgentIgnoresCaRotation,
     ];
 
     /// A short name, for test output and the CLI.
@@ -44,6 +49,7 @@ impl Bug {
             Bug::AgentDropsSpoolOnRestart => "agent-drops-spool-on-restart",
             Bug::ProxyRoutesToFirstAgent => "proxy-routes-to-first-agent",
             Bug::PkiExpiryGrace => "pki-expiry-grace",
+            Bug::AgentIgnoresCaRotation => "agent-ignores-ca-rotation",
         }
     }
 
