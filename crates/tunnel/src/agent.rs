@@ -189,6 +189,8 @@ impl Agent {
             preferred: russh::Preferred {
                 // Ask proxies for their host certificate, never a bare key.
                 host_key_certificates: Cow::Owned(vec![Algorithm::Ed25519]),
+                // The client's order decides the cipher.
+                cipher: Cow::Borrowed(crate::CIPHER_ORDER),
                 ..russh::Preferred::default()
             },
             ..client::Config::default()

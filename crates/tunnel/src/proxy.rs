@@ -4,6 +4,7 @@
 //!
 //! The registry decides; this file only moves events between it, the network and russh.
 
+use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -166,6 +167,10 @@ impl ProxyTunnels {
             inactivity_timeout: Some(config.limits.heartbeat_timeout),
             keepalive_interval: None,
             nodelay: true,
+            preferred: russh::Preferred {
+                cipher: Cow::Borrowed(crate::CIPHER_ORDER),
+                ..russh::Preferred::default()
+            },
             ..server::Config::default()
         };
         let shared = Shared {
