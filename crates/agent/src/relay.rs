@@ -19,14 +19,17 @@ use std::time::Duration;
 
 use postern_pg::audit::EventView;
 use postern_pg::{AuditEvent, Relay};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use crate::spool::Durable;
 
-/// Bytes read from one side at a time.
+/// Bytes read from one side at a time while bytes keep coming.
 pub const CHUNK_SIZE: usize = 16 * 1024;
+/// Bytes read from one side at a time after it went quiet: what an idle session holds
+/// per direction (statements and their answers in OLTP traffic fit it).
+pub const QUIET_CHUNK_SIZE: usize = 1024;
 
 /// How a relayed session ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -412,6 +415,59 @@ async fn watchdog(shared: &Shared, controls: &Controls) -> RelayEnd {
     }
 }
 
+/// A read buffer that is large only while its side is busy: a read that fills the small
+/// buffer brings in a [`CHUNK_SIZE`] one for the next reads, and a read that has to wait
+/// gives it back, so idle sessions (most of them, on a busy agent) hold
+/// [`QUIET_CHUNK_SIZE`] bytes per direction.
+#[derive(Default)]
+struct ReadBuffer {
+    quiet: Vec<u8>,
+    busy: Option<Vec<u8>>,
+    /// The last read filled `quiet`.
+    grow: bool,
+}
+
+impl ReadBuffer {
+    /// Reads once from `from`: the bytes read, empty at EOF.
+    async fn read<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> std::io::Result<&[u8]> {
+        use std::task::Poll;
+        if self.quiet.is_empty() {
+            self.quiet = vec![0; QUIET_CHUNK_SIZE];
+        }
+        if std::mem::take(&mut self.grow) && self.busy.is_none() {
+            self.busy = Some(vec![0; CHUNK_SIZE]);
+        }
+        let (n, in_busy) = std::future::poll_fn(|cx| {
+            if let Some(busy) = &mut self.busy {
+                let mut read = tokio::io::ReadBuf::new(busy);
+                match std::pin::Pin::new(&mut *from).poll_read(cx, &mut read) {
+                    Poll::Ready(result) => {
+                        return Poll::Ready(result.map(|()| (read.filled().len(), true)));
+                    }
+                    // Nothing to read now: give the large buffer back; the next poll
+                    // (after the wake this one registered) reads into the small one.
+                    Poll::Pending => {
+                        self.busy = None;
+                        return Poll::Pending;
+                    }
+                }
+            }
+            let mut read = tokio::io::ReadBuf::new(&mut self.quiet);
+            std::pin::Pin::new(&mut *from)
+                .poll_read(cx, &mut read)
+                .map(|result| result.map(|()| (read.filled().len(), false)))
+        })
+        .await?;
+        match (in_busy, &self.busy) {
+            (true, Some(busy)) => Ok(&busy[..n]),
+            _ => {
+                self.grow = n == QUIET_CHUNK_SIZE;
+                Ok(&self.quiet[..n])
+            }
+        }
+    }
+}
+
 /// One direction: read, show the relay, forward; until EOF, an error, or a stop.
 async fn half<R, W, T, F>(
     shared: &Shared,
@@ -425,26 +481,26 @@ where
     W: AsyncWrite + Unpin,
     F: Fn(EventView<'_>) -> T,
 {
-    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut buf = ReadBuffer::default();
     loop {
-        let n = tokio::select! {
+        let chunk = tokio::select! {
             biased;
             () = shared.stop.notified() => return RelayEnd::Closed,
-            read = read.read(&mut buf) => match read {
-                Ok(n) => n,
+            read = buf.read(read) => match read {
+                Ok(chunk) => chunk,
                 Err(e) => {
                     shared.stop.notify_one();
                     return RelayEnd::Io(e.to_string());
                 }
             },
         };
-        if n == 0 {
+        if chunk.is_empty() {
             // Half-close: the other side learns there is nothing more, and may still
             // answer what it has.
             let _ = write.shutdown().await;
             return RelayEnd::Closed;
         }
-        if let Err(end) = shared.forward(from, &buf[..n], write, events).await {
+        if let Err(end) = shared.forward(from, chunk, write, events).await {
             shared.stop.notify_one();
             return end;
         }

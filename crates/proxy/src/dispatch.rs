@@ -16,6 +16,7 @@
 //! length), so that a session closed at shutdown ends between two messages with a FATAL
 //! ErrorResponse (SQLSTATE 57P01) the client can show ([`relay`]).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ use postern_pg::frontend::{CancelRequest, ProtocolVersion, StartupMessage, Start
 use postern_pg::reply::SqlState;
 use postern_pg::{Limits, StartupParams};
 use postern_pki::tls::{mtls_client_config, peer_host, ring_provider};
-use postern_pki::{HostRole, TrustedCa, Validator, VerifiedIdentity};
+use postern_pki::{HostRole, TrustedCa, Validator, VerifiedIdentity, decode_identity_unverified};
 use postern_rt::{Connection, Rng, WallClock, monotonic_now};
 use postern_tunnel::TunnelId;
 use postern_tunnel::proxy::{ChannelRequest, ProxyTunnels};
@@ -180,8 +181,63 @@ const SHUTDOWN_HINT: &str =
 /// Once asked to close, how long a session may take to finish the agent's message in
 /// flight before it is closed without the ErrorResponse.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// Bytes read at once in the agent→client direction.
+/// Bytes read at once from either side while bytes keep coming.
 const RELAY_CHUNK: usize = 16 * 1024;
+/// Bytes read at once from a side that went quiet: what an idle session holds per
+/// direction (statements and their answers in OLTP traffic fit it).
+const QUIET_CHUNK: usize = 1024;
+
+/// A read buffer that is large only while its side is busy: a read that fills the small
+/// buffer brings in a [`RELAY_CHUNK`] one for the next reads, and a read that has to wait
+/// gives it back, so idle sessions hold [`QUIET_CHUNK`] bytes per direction.
+#[derive(Default)]
+struct ReadBuffer {
+    quiet: Vec<u8>,
+    busy: Option<Vec<u8>>,
+    /// The last read filled `quiet`.
+    grow: bool,
+}
+
+impl ReadBuffer {
+    /// Reads once from `from`: the bytes read, empty at EOF.
+    async fn read<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> std::io::Result<&[u8]> {
+        use std::task::Poll;
+        if self.quiet.is_empty() {
+            self.quiet = vec![0; QUIET_CHUNK];
+        }
+        if std::mem::take(&mut self.grow) && self.busy.is_none() {
+            self.busy = Some(vec![0; RELAY_CHUNK]);
+        }
+        let (n, in_busy) = std::future::poll_fn(|cx| {
+            if let Some(busy) = &mut self.busy {
+                let mut read = tokio::io::ReadBuf::new(busy);
+                match std::pin::Pin::new(&mut *from).poll_read(cx, &mut read) {
+                    Poll::Ready(result) => {
+                        return Poll::Ready(result.map(|()| (read.filled().len(), true)));
+                    }
+                    // Nothing to read now: give the large buffer back; the next poll
+                    // (after the wake this one registered) reads into the small one.
+                    Poll::Pending => {
+                        self.busy = None;
+                        return Poll::Pending;
+                    }
+                }
+            }
+            let mut read = tokio::io::ReadBuf::new(&mut self.quiet);
+            std::pin::Pin::new(&mut *from)
+                .poll_read(cx, &mut read)
+                .map(|result| result.map(|()| (read.filled().len(), false)))
+        })
+        .await?;
+        match (in_busy, &self.busy) {
+            (true, Some(busy)) => Ok(&busy[..n]),
+            _ => {
+                self.grow = n == QUIET_CHUNK;
+                Ok(&self.quiet[..n])
+            }
+        }
+    }
+}
 
 /// How a relayed session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,11 +267,20 @@ where
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut agent_read, mut agent_write) = tokio::io::split(agent);
     let upstream = async {
-        tokio::io::copy(&mut client_read, &mut agent_write).await?;
+        let mut buf = ReadBuffer::default();
+        loop {
+            let chunk = buf.read(&mut client_read).await?;
+            if chunk.is_empty() {
+                break;
+            }
+            // Flushed per read, not per message: what one read brought goes on at once.
+            agent_write.write_all(chunk).await?;
+            agent_write.flush().await?;
+        }
         agent_write.shutdown().await
     };
     let downstream = async {
-        let mut buf = vec![0u8; RELAY_CHUNK];
+        let mut buf = ReadBuffer::default();
         // A dropped sender never asks: stop watching it.
         let mut watching = true;
         loop {
@@ -227,19 +292,20 @@ where
                     }
                     watching = false;
                 }
-                read = agent_read.read(&mut buf) => {
-                    let n = read?;
-                    if n == 0 {
+                read = buf.read(&mut agent_read) => {
+                    let chunk = read?;
+                    if chunk.is_empty() {
                         client_write.shutdown().await?;
                         return Ok(Ended::Closed);
                     }
-                    frames.advance(&buf[..n]);
-                    client_write.write_all(&buf[..n]).await?;
+                    frames.advance(chunk);
+                    client_write.write_all(chunk).await?;
                 }
             }
         }
         // Closing: finish the message in flight, then tell the client why.
         let finish = async {
+            let mut buf = vec![0u8; RELAY_CHUNK];
             while let Some(left) = frames.to_boundary() {
                 if left == 0 {
                     return Ok::<bool, std::io::Error>(true);
@@ -366,6 +432,56 @@ async fn relay_greeting(
     Ok((key, frames))
 }
 
+/// How long the proxy→agent certificate signed for one user certificate serves that
+/// user's later sessions. Signing goes through the auth service (a request, a signature,
+/// a record of the issue), which costs more than the rest of a new session; reusing the
+/// result for a short while changes nothing the agent checks: the certificate carries
+/// the same identity, and the agent looks the roles up for every session.
+pub const SIGNED_REUSE_MAX: Duration = Duration::from_secs(60);
+/// A signed certificate is not reused within this long of its expiry.
+pub const SIGNED_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+/// Most user certificates whose signed proxy→agent TLS configuration is kept.
+pub const SIGNED_CACHE_MAX: usize = 1024;
+
+/// A proxy→agent TLS configuration signed for one user certificate.
+struct Signed {
+    connector: TlsConnector,
+    /// When it was signed, on the dispatcher's monotonic clock.
+    signed_at: Duration,
+    /// The signed certificate's expiry, in seconds since the Unix epoch.
+    expires_secs: u64,
+}
+
+/// Signed configurations by the DER of the user certificate they were signed for.
+#[derive(Default)]
+struct SignedCache {
+    by_cert: HashMap<Vec<u8>, Signed>,
+}
+
+impl SignedCache {
+    /// The configuration signed for `cert_der`, if it is recent and far from expiry.
+    fn get(&self, cert_der: &[u8], now: Duration, now_secs: u64) -> Option<TlsConnector> {
+        let signed = self.by_cert.get(cert_der)?;
+        usable(signed, now, now_secs).then(|| signed.connector.clone())
+    }
+
+    /// Keeps `signed`; drops what is no longer usable first, and keeps nothing more when
+    /// [`SIGNED_CACHE_MAX`] configurations are still usable.
+    fn insert(&mut self, cert_der: &[u8], signed: Signed, now: Duration, now_secs: u64) {
+        if self.by_cert.len() >= SIGNED_CACHE_MAX {
+            self.by_cert.retain(|_, kept| usable(kept, now, now_secs));
+        }
+        if self.by_cert.len() < SIGNED_CACHE_MAX || self.by_cert.contains_key(cert_der) {
+            self.by_cert.insert(cert_der.to_vec(), signed);
+        }
+    }
+}
+
+fn usable(signed: &Signed, now: Duration, now_secs: u64) -> bool {
+    now.saturating_sub(signed.signed_at) < SIGNED_REUSE_MAX
+        && now_secs.saturating_add(SIGNED_EXPIRY_MARGIN.as_secs()) < signed.expires_secs
+}
+
 /// Carries client sessions to agents over their tunnels. One per proxy; cheap to share.
 pub struct Dispatcher<S> {
     tunnels: ProxyTunnels,
@@ -376,6 +492,8 @@ pub struct Dispatcher<S> {
     clock: WallClock,
     rng: Rng,
     health: Mutex<Health>,
+    /// Proxy→agent configurations already signed, reused for [`SIGNED_REUSE_MAX`].
+    signed: Mutex<SignedCache>,
     /// Origin of the monotonic time `Health` counts in.
     origin: Instant,
     attempts_max: usize,
@@ -408,6 +526,7 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             clock,
             rng,
             health: Mutex::new(Health::default()),
+            signed: Mutex::new(SignedCache::default()),
             origin: monotonic_now(),
             attempts_max: ATTEMPTS_MAX_DEFAULT,
             handshake_timeout: AGENT_HANDSHAKE_TIMEOUT_DEFAULT,
@@ -469,8 +588,8 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             // The front door validated with Purpose::UserDatabase, which requires a route.
             None => return Err(DispatchError::NoRoute),
         };
-        let (chain, key) = match self.signer.sign(&identity).await {
-            Ok(pair) => pair,
+        let connector = match self.connector(&identity).await {
+            Ok(connector) => connector,
             Err(reason) => {
                 let message = format!("the proxy cannot reach {service:?} now: {reason}");
                 crate::postgres::send_error(
@@ -484,15 +603,6 @@ impl<S: DbAccessSigner> Dispatcher<S> {
                 return Err(DispatchError::Signing(reason));
             }
         };
-        let tls = mtls_client_config(
-            chain,
-            key,
-            &self.host_cas,
-            ring_provider(),
-            Arc::new(self.clock.clone()),
-        )
-        .map_err(|e| DispatchError::Signing(e.to_string()))?;
-        let connector = TlsConnector::from(tls);
 
         let candidates = self.tunnels.candidates(&service);
         let agents: Vec<String> = candidates.iter().map(|c| c.agent.clone()).collect();
@@ -565,6 +675,39 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             backend_key,
             frames,
         })
+    }
+
+    /// The TLS configuration that presents a proxy→agent certificate for `identity`:
+    /// signed now, or signed for the same user certificate less than
+    /// [`SIGNED_REUSE_MAX`] ago.
+    async fn connector(&self, identity: &VerifiedIdentity) -> Result<TlsConnector, String> {
+        let cache = || self.signed.lock().unwrap_or_else(PoisonError::into_inner);
+        let now_secs = || self.clock.now().as_secs();
+        if let Some(connector) = cache().get(identity.cert_der(), self.now(), now_secs()) {
+            return Ok(connector);
+        }
+        let (chain, key) = self.signer.sign(identity).await?;
+        // Only for how long to reuse it; the agent verifies the certificate.
+        let expires_secs = chain
+            .first()
+            .and_then(|cert| decode_identity_unverified(cert).ok())
+            .map_or(0, |signed| signed.expires.as_secs());
+        let tls = mtls_client_config(
+            chain,
+            key,
+            &self.host_cas,
+            ring_provider(),
+            Arc::new(self.clock.clone()),
+        )
+        .map_err(|e| e.to_string())?;
+        let connector = TlsConnector::from(tls);
+        let signed = Signed {
+            connector: connector.clone(),
+            signed_at: self.now(),
+            expires_secs,
+        };
+        cache().insert(identity.cert_der(), signed, self.now(), now_secs());
+        Ok(connector)
     }
 
     async fn refuse(
