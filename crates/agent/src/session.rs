@@ -39,6 +39,7 @@ use postern_pg::backend::{BackendMessage, Fields, field};
 use postern_pg::frontend::{StartupMessage, StartupRequest};
 use postern_pg::reply::{Severity, SqlState};
 use postern_pg::{Limits, Relay, StartupParams};
+use postern_pki::reuse::IssuedCache;
 use postern_pki::tls::peer_identity;
 use postern_pki::{CertAuthority, DbProtocol, Identity, PrivateKey, Purpose, Validator};
 use postern_rt::{Connection, Net, Rng, Runtime, WallClock, monotonic_now};
@@ -187,6 +188,13 @@ impl CredentialSource for LocalDbCa {
     }
 }
 
+/// A client certificate's `not_after` in seconds since the Unix epoch; `None` if it
+/// cannot be read (it is then not kept: the database will say what is wrong with it).
+fn expires_secs(cert: &rustls_pki_types::CertificateDer<'_>) -> Option<u64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    u64::try_from(parsed.validity().not_after.timestamp()).ok()
+}
+
 /// What the agent's sessions need besides the runtime and the two sources.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -332,6 +340,11 @@ pub struct SessionService<R, C> {
     rng: Rng,
     roles: R,
     credentials: C,
+    /// Client certificates issued for earlier sessions, by (database, db user); reused
+    /// for [`postern_pki::reuse::REUSE_MAX`]. Passwords (RDS IAM tokens) are not kept.
+    issued: std::sync::Mutex<IssuedCache<(String, String), Credential>>,
+    /// Origin of the monotonic time `issued` counts in.
+    origin: Instant,
     audit: mpsc::Sender<AuditEvent>,
     /// Users allowed before, for the planted bug that skips their later role checks.
     #[cfg(feature = "planted-bugs")]
@@ -384,6 +397,8 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             rng: runtime.rng().clone(),
             roles,
             credentials,
+            issued: std::sync::Mutex::default(),
+            origin: Instant::from_std(monotonic_now()),
             audit,
             #[cfg(feature = "planted-bugs")]
             planted_allowed: Default::default(),
@@ -583,14 +598,7 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             gate.check().map_err(SessionError::AuditFull)?;
         }
 
-        let credential = self
-            .credentials
-            .credential(served, &params.user)
-            .await
-            .map_err(|source| SessionError::Credential {
-                db_user: params.user.clone(),
-                source,
-            })?;
+        let credential = self.credential(served, &params.user).await?;
         let upstream = served
             .target
             .connect(
@@ -603,6 +611,41 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             .await
             .map_err(SessionError::Upstream)?;
         Ok((rest, upstream, controls))
+    }
+
+    /// A credential for `db_user` on `served`: a client certificate issued for an
+    /// earlier session less than [`postern_pki::reuse::REUSE_MAX`] ago, or a new one. The database
+    /// checks the same certificate either way; access was decided for this session.
+    async fn credential(
+        &self,
+        served: &ServedDatabase,
+        db_user: &str,
+    ) -> Result<Credential, SessionError> {
+        let issued = || {
+            self.issued
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let key = (served.database.name.clone(), db_user.to_owned());
+        let now = Instant::from_std(monotonic_now()).saturating_duration_since(self.origin);
+        let now_secs = self.clock.now().as_secs();
+        if let Some(credential) = issued().get(&key, now, now_secs) {
+            return Ok(credential);
+        }
+        let credential = self
+            .credentials
+            .credential(served, db_user)
+            .await
+            .map_err(|source| SessionError::Credential {
+                db_user: db_user.to_owned(),
+                source,
+            })?;
+        if let Credential::ClientCert { chain, .. } = &credential
+            && let Some(expires_secs) = chain.first().and_then(expires_secs)
+        {
+            issued().insert(key, credential.clone(), expires_secs, now, now_secs);
+        }
+        Ok(credential)
     }
 
     /// [`check_access`], or, with the planted bug on, a pass for a user this agent

@@ -60,6 +60,7 @@ mod validate;
 
 pub mod fuzzing;
 pub mod oid;
+pub mod reuse;
 pub mod ssh;
 pub mod tls;
 

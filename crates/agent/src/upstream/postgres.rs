@@ -41,6 +41,18 @@ pub enum Credential {
     Password(String),
 }
 
+impl Clone for Credential {
+    fn clone(&self) -> Self {
+        match self {
+            Credential::ClientCert { chain, key } => Credential::ClientCert {
+                chain: chain.clone(),
+                key: key.clone_key(),
+            },
+            Credential::Password(password) => Credential::Password(password.clone()),
+        }
+    }
+}
+
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
