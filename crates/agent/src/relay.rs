@@ -19,17 +19,12 @@ use std::time::Duration;
 
 use postern_pg::audit::EventView;
 use postern_pg::{AuditEvent, Relay};
+use postern_rt::ReadBuffer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use crate::spool::Durable;
-
-/// Bytes read from one side at a time while bytes keep coming.
-pub const CHUNK_SIZE: usize = 16 * 1024;
-/// Bytes read from one side at a time after it went quiet: what an idle session holds
-/// per direction (statements and their answers in OLTP traffic fit it).
-pub const QUIET_CHUNK_SIZE: usize = 1024;
 
 /// How a relayed session ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -410,59 +405,6 @@ async fn watchdog(shared: &Shared, controls: &Controls) -> RelayEnd {
                 .unwrap_or_else(PoisonError::into_inner);
             if now >= last + timeout {
                 return RelayEnd::IdleTimeout(timeout);
-            }
-        }
-    }
-}
-
-/// A read buffer that is large only while its side is busy: a read that fills the small
-/// buffer brings in a [`CHUNK_SIZE`] one for the next reads, and a read that has to wait
-/// gives it back, so idle sessions (most of them, on a busy agent) hold
-/// [`QUIET_CHUNK_SIZE`] bytes per direction.
-#[derive(Default)]
-struct ReadBuffer {
-    quiet: Vec<u8>,
-    busy: Option<Vec<u8>>,
-    /// The last read filled `quiet`.
-    grow: bool,
-}
-
-impl ReadBuffer {
-    /// Reads once from `from`: the bytes read, empty at EOF.
-    async fn read<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> std::io::Result<&[u8]> {
-        use std::task::Poll;
-        if self.quiet.is_empty() {
-            self.quiet = vec![0; QUIET_CHUNK_SIZE];
-        }
-        if std::mem::take(&mut self.grow) && self.busy.is_none() {
-            self.busy = Some(vec![0; CHUNK_SIZE]);
-        }
-        let (n, in_busy) = std::future::poll_fn(|cx| {
-            if let Some(busy) = &mut self.busy {
-                let mut read = tokio::io::ReadBuf::new(busy);
-                match std::pin::Pin::new(&mut *from).poll_read(cx, &mut read) {
-                    Poll::Ready(result) => {
-                        return Poll::Ready(result.map(|()| (read.filled().len(), true)));
-                    }
-                    // Nothing to read now: give the large buffer back; the next poll
-                    // (after the wake this one registered) reads into the small one.
-                    Poll::Pending => {
-                        self.busy = None;
-                        return Poll::Pending;
-                    }
-                }
-            }
-            let mut read = tokio::io::ReadBuf::new(&mut self.quiet);
-            std::pin::Pin::new(&mut *from)
-                .poll_read(cx, &mut read)
-                .map(|result| result.map(|()| (read.filled().len(), false)))
-        })
-        .await?;
-        match (in_busy, &self.busy) {
-            (true, Some(busy)) => Ok(&busy[..n]),
-            _ => {
-                self.grow = n == QUIET_CHUNK_SIZE;
-                Ok(&self.quiet[..n])
             }
         }
     }

@@ -26,12 +26,14 @@ mod clock;
 mod net;
 #[cfg(feature = "planted-bugs")]
 pub mod planted;
+pub mod read_buffer;
 mod rng;
 
 pub use blocking::Blocking;
 
 pub use clock::WallClock;
 pub use net::{ByteStream, Connection, Listener, Net};
+pub use read_buffer::ReadBuffer;
 pub use rng::Rng;
 
 /// Monotonic now, for deadlines handed to sans-IO cores that take a
