@@ -274,38 +274,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Polls the cluster's CAs from auth every `period` and, when the user CAs change (a
-/// CA rotation moved on), makes the proxy's front doors trust the new set. A failed
-/// poll keeps the current set.
-async fn follow_user_cas(
-    proxy: ProxyHandle<ApiSigner>,
-    auth: AuthClient,
-    mut known: Vec<TrustedCa>,
-    period: Duration,
-) {
-    let ders =
-        |cas: &[TrustedCa]| -> Vec<Vec<u8>> { cas.iter().map(|ca| ca.der().to_vec()).collect() };
-    loop {
-        tokio::time::sleep(period).await;
-        let Ok(bundle) = auth.cas().await else {
-            continue;
-        };
-        let Ok(cas) = TrustedCa::from_pem_bundle(&bundle) else {
-            continue;
-        };
-        let user: Vec<TrustedCa> = cas
-            .into_iter()
-            .filter(|ca| ca.kind() == CaKind::User)
-            .collect();
-        if user.is_empty() || ders(&user) == ders(&known) {
-            continue;
-        }
-        if proxy.set_user_cas(&user).is_ok() {
-            known = user;
-        }
-    }
-}
-
 /// Signs proxy→agent certificates through the auth API (`POST /v1/db-access`), as
 /// `postern start` does for its proxy. The dispatcher calls it with the identity the
 /// front door just admitted, so the simulator checks that identity here: it must be
@@ -336,20 +304,7 @@ impl DbAccessSigner for ApiSigner {
                 ),
             );
         }
-        let key = PrivateKey::generate().map_err(|e| e.to_string())?;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let answer = self
-            .auth
-            .db_access(&DbAccessRequest {
-                user_cert: b64.encode(user.cert_der()),
-                public_key: b64.encode(key.public_key().der()),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let chain = CertificateDer::pem_slice_iter(answer.cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        Ok((chain, key.to_rustls()))
+        self.auth.db_access_cert(user.cert_der()).await
     }
 }
 
@@ -390,12 +345,11 @@ pub async fn run_proxy(host: &ProxyHost, runtime: Runtime, world: &World) -> tur
     };
     world.record(&host.name, "proxy service running");
     // CA rotations: the front doors follow the user CAs auth lists.
-    tokio::spawn(follow_user_cas(
-        service.handle(),
-        auth,
-        user_cas,
-        CA_POLL_PERIOD,
-    ));
+    let handle = service.handle();
+    tokio::spawn(async move {
+        let apply = |cas: &[TrustedCa]| handle.set_user_cas(cas).map_err(|e| e.to_string());
+        auth.follow_user_cas(user_cas, CA_POLL_PERIOD, apply).await;
+    });
     service.run(std::future::pending()).await?;
     Ok(())
 }

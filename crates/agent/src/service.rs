@@ -944,51 +944,27 @@ async fn follow_user_cas(
         rustls_pki_types::PrivateKeyDer<'static>,
     ),
     clock: Arc<postern_rt::WallClock>,
-    mut known: Vec<TrustedCa>,
+    known: Vec<TrustedCa>,
     period: Duration,
 ) {
-    let ders =
-        |cas: &[TrustedCa]| -> Vec<Vec<u8>> { cas.iter().map(|ca| ca.der().to_vec()).collect() };
-    loop {
-        tokio::time::sleep(period).await;
-        let user: Vec<TrustedCa> = match auth
-            .cas()
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|pem| TrustedCa::from_pem_bundle(&pem).map_err(|e| e.to_string()))
-        {
-            Ok(cas) => cas
-                .into_iter()
-                .filter(|ca| ca.kind() == CaKind::User)
-                .collect(),
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the cluster's CAs; keeping the current ones");
-                continue;
-            }
-        };
-        if user.is_empty() || ders(&user) == ders(&known) {
-            continue;
-        }
+    auth.follow_user_cas(known, period, |user| {
         #[cfg(feature = "planted-bugs")]
         if postern_rt::planted::active(postern_rt::planted::Bug::AgentIgnoresCaRotation) {
             // The planted bug: the CAs loaded at start are good enough.
-            continue;
+            return Ok(());
         }
-        match postern_pki::tls::mtls_server_config(
+        let tls = postern_pki::tls::mtls_server_config(
             vec![host.0.clone()],
             host.1.clone_key(),
-            &user,
+            user,
             ring_provider(),
             clock.clone(),
-        ) {
-            Ok(tls) => {
-                sessions.set_user_trust(tls, Validator::new(user.clone()));
-                tracing::info!(count = user.len(), "user CAs changed; sessions follow");
-                known = user;
-            }
-            Err(error) => tracing::warn!(%error, "cannot trust the new user CAs"),
-        }
-    }
+        )
+        .map_err(|error| error.to_string())?;
+        sessions.set_user_trust(tls, Validator::new(user.to_vec()));
+        Ok(())
+    })
+    .await;
 }
 
 // --- Credentials ------------------------------------------------------------------------

@@ -8,9 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern_pki::TrustedCa;
+use base64::Engine as _;
+use postern_pki::{CaKind, PrivateKey, TrustedCa};
 use postern_rt::Net;
 use rustls::time_provider::TimeProvider;
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -292,6 +294,76 @@ impl AuthClient {
     pub async fn cas(&self) -> Result<String, Error> {
         let body = self.call("GET", "/v1/cas", None).await?;
         String::from_utf8(body).map_err(|error| self.unreachable(error))
+    }
+
+    /// The user CAs the cluster trusts now: both while a rotation is in flight, the new
+    /// one once it completed.
+    pub async fn user_cas(&self) -> Result<Vec<TrustedCa>, String> {
+        let bundle = self.cas().await.map_err(|error| error.to_string())?;
+        let cas = TrustedCa::from_pem_bundle(&bundle).map_err(|error| error.to_string())?;
+        Ok(cas
+            .into_iter()
+            .filter(|ca| ca.kind() == CaKind::User)
+            .collect())
+    }
+
+    /// Polls [`AuthClient::user_cas`] every `period`, forever; when they differ from
+    /// the set last applied (`known` at first), hands the new set to `apply`. A failed
+    /// poll, an empty answer or a set `apply` refuses keeps the current set (and is
+    /// tried again at the next poll).
+    pub async fn follow_user_cas(
+        &self,
+        mut known: Vec<TrustedCa>,
+        period: Duration,
+        mut apply: impl FnMut(&[TrustedCa]) -> Result<(), String>,
+    ) {
+        let ders = |cas: &[TrustedCa]| -> Vec<Vec<u8>> {
+            cas.iter().map(|ca| ca.der().to_vec()).collect()
+        };
+        loop {
+            tokio::time::sleep(period).await;
+            let user = match self.user_cas().await {
+                Ok(user) => user,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the cluster's CAs; keeping the current ones");
+                    continue;
+                }
+            };
+            if user.is_empty() || ders(&user) == ders(&known) {
+                continue;
+            }
+            match apply(&user) {
+                Ok(()) => {
+                    tracing::info!(count = user.len(), "user CAs changed; followed");
+                    known = user;
+                }
+                Err(error) => tracing::warn!(%error, "cannot trust the new user CAs"),
+            }
+        }
+    }
+
+    /// Proxy: a proxy→agent certificate carrying the identity of `user_cert_der` (a user
+    /// certificate the proxy verified), for a key generated here (`POST /v1/db-access`).
+    pub async fn db_access_cert(
+        &self,
+        user_cert_der: &[u8],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+        let key = PrivateKey::generate().map_err(|error| error.to_string())?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let answer = self
+            .db_access(&DbAccessRequest {
+                user_cert: b64.encode(user_cert_der),
+                public_key: b64.encode(key.public_key().der()),
+            })
+            .await
+            .map_err(|error| error.to_string())?;
+        let chain = CertificateDer::pem_slice_iter(answer.cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| format!("certificate from auth: {error}"))?;
+        if chain.is_empty() {
+            return Err("the auth service answered without a certificate".to_owned());
+        }
+        Ok((chain, key.to_rustls()))
     }
 }
 

@@ -16,7 +16,6 @@
 //! length), so that a session closed at shutdown ends between two messages with a FATAL
 //! ErrorResponse (SQLSTATE 57P01) the client can show ([`relay`]).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -24,9 +23,11 @@ use postern_pg::backend::{BackendMessage, Fields, field};
 use postern_pg::frontend::{CancelRequest, ProtocolVersion, StartupMessage, StartupRequest};
 use postern_pg::reply::SqlState;
 use postern_pg::{Limits, StartupParams};
+use postern_pki::reuse::IssuedCache;
 use postern_pki::tls::{mtls_client_config, peer_host, ring_provider};
 use postern_pki::{HostRole, TrustedCa, Validator, VerifiedIdentity, decode_identity_unverified};
-use postern_rt::{Connection, Rng, WallClock, monotonic_now};
+use postern_rt::read_buffer::BUSY_CHUNK_SIZE;
+use postern_rt::{Connection, ReadBuffer, Rng, WallClock, monotonic_now};
 use postern_tunnel::TunnelId;
 use postern_tunnel::proxy::{ChannelRequest, ProxyTunnels};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -181,63 +182,6 @@ const SHUTDOWN_HINT: &str =
 /// Once asked to close, how long a session may take to finish the agent's message in
 /// flight before it is closed without the ErrorResponse.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// Bytes read at once from either side while bytes keep coming.
-const RELAY_CHUNK: usize = 16 * 1024;
-/// Bytes read at once from a side that went quiet: what an idle session holds per
-/// direction (statements and their answers in OLTP traffic fit it).
-const QUIET_CHUNK: usize = 1024;
-
-/// A read buffer that is large only while its side is busy: a read that fills the small
-/// buffer brings in a [`RELAY_CHUNK`] one for the next reads, and a read that has to wait
-/// gives it back, so idle sessions hold [`QUIET_CHUNK`] bytes per direction.
-#[derive(Default)]
-struct ReadBuffer {
-    quiet: Vec<u8>,
-    busy: Option<Vec<u8>>,
-    /// The last read filled `quiet`.
-    grow: bool,
-}
-
-impl ReadBuffer {
-    /// Reads once from `from`: the bytes read, empty at EOF.
-    async fn read<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> std::io::Result<&[u8]> {
-        use std::task::Poll;
-        if self.quiet.is_empty() {
-            self.quiet = vec![0; QUIET_CHUNK];
-        }
-        if std::mem::take(&mut self.grow) && self.busy.is_none() {
-            self.busy = Some(vec![0; RELAY_CHUNK]);
-        }
-        let (n, in_busy) = std::future::poll_fn(|cx| {
-            if let Some(busy) = &mut self.busy {
-                let mut read = tokio::io::ReadBuf::new(busy);
-                match std::pin::Pin::new(&mut *from).poll_read(cx, &mut read) {
-                    Poll::Ready(result) => {
-                        return Poll::Ready(result.map(|()| (read.filled().len(), true)));
-                    }
-                    // Nothing to read now: give the large buffer back; the next poll
-                    // (after the wake this one registered) reads into the small one.
-                    Poll::Pending => {
-                        self.busy = None;
-                        return Poll::Pending;
-                    }
-                }
-            }
-            let mut read = tokio::io::ReadBuf::new(&mut self.quiet);
-            std::pin::Pin::new(&mut *from)
-                .poll_read(cx, &mut read)
-                .map(|result| result.map(|()| (read.filled().len(), false)))
-        })
-        .await?;
-        match (in_busy, &self.busy) {
-            (true, Some(busy)) => Ok(&busy[..n]),
-            _ => {
-                self.grow = n == QUIET_CHUNK;
-                Ok(&self.quiet[..n])
-            }
-        }
-    }
-}
 
 /// How a relayed session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -299,18 +243,24 @@ where
                         return Ok(Ended::Closed);
                     }
                     frames.advance(chunk);
+                    // Flushed per read: a TLS stream keeps what the socket did not take
+                    // at once until the next write or flush, and there may be no next
+                    // write (the client waits for this answer).
                     client_write.write_all(chunk).await?;
+                    client_write.flush().await?;
                 }
             }
         }
         // Closing: finish the message in flight, then tell the client why.
         let finish = async {
-            let mut buf = vec![0u8; RELAY_CHUNK];
+            let mut buf = vec![0u8; BUSY_CHUNK_SIZE];
             while let Some(left) = frames.to_boundary() {
                 if left == 0 {
                     return Ok::<bool, std::io::Error>(true);
                 }
-                let n = agent_read.read(&mut buf[..left.min(RELAY_CHUNK)]).await?;
+                let n = agent_read
+                    .read(&mut buf[..left.min(BUSY_CHUNK_SIZE)])
+                    .await?;
                 if n == 0 {
                     return Ok(false);
                 }
@@ -432,56 +382,6 @@ async fn relay_greeting(
     Ok((key, frames))
 }
 
-/// How long the proxy→agent certificate signed for one user certificate serves that
-/// user's later sessions. Signing goes through the auth service (a request, a signature,
-/// a record of the issue), which costs more than the rest of a new session; reusing the
-/// result for a short while changes nothing the agent checks: the certificate carries
-/// the same identity, and the agent looks the roles up for every session.
-pub const SIGNED_REUSE_MAX: Duration = Duration::from_secs(60);
-/// A signed certificate is not reused within this long of its expiry.
-pub const SIGNED_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
-/// Most user certificates whose signed proxy→agent TLS configuration is kept.
-pub const SIGNED_CACHE_MAX: usize = 1024;
-
-/// A proxy→agent TLS configuration signed for one user certificate.
-struct Signed {
-    connector: TlsConnector,
-    /// When it was signed, on the dispatcher's monotonic clock.
-    signed_at: Duration,
-    /// The signed certificate's expiry, in seconds since the Unix epoch.
-    expires_secs: u64,
-}
-
-/// Signed configurations by the DER of the user certificate they were signed for.
-#[derive(Default)]
-struct SignedCache {
-    by_cert: HashMap<Vec<u8>, Signed>,
-}
-
-impl SignedCache {
-    /// The configuration signed for `cert_der`, if it is recent and far from expiry.
-    fn get(&self, cert_der: &[u8], now: Duration, now_secs: u64) -> Option<TlsConnector> {
-        let signed = self.by_cert.get(cert_der)?;
-        usable(signed, now, now_secs).then(|| signed.connector.clone())
-    }
-
-    /// Keeps `signed`; drops what is no longer usable first, and keeps nothing more when
-    /// [`SIGNED_CACHE_MAX`] configurations are still usable.
-    fn insert(&mut self, cert_der: &[u8], signed: Signed, now: Duration, now_secs: u64) {
-        if self.by_cert.len() >= SIGNED_CACHE_MAX {
-            self.by_cert.retain(|_, kept| usable(kept, now, now_secs));
-        }
-        if self.by_cert.len() < SIGNED_CACHE_MAX || self.by_cert.contains_key(cert_der) {
-            self.by_cert.insert(cert_der.to_vec(), signed);
-        }
-    }
-}
-
-fn usable(signed: &Signed, now: Duration, now_secs: u64) -> bool {
-    now.saturating_sub(signed.signed_at) < SIGNED_REUSE_MAX
-        && now_secs.saturating_add(SIGNED_EXPIRY_MARGIN.as_secs()) < signed.expires_secs
-}
-
 /// Carries client sessions to agents over their tunnels. One per proxy; cheap to share.
 pub struct Dispatcher<S> {
     tunnels: ProxyTunnels,
@@ -492,8 +392,9 @@ pub struct Dispatcher<S> {
     clock: WallClock,
     rng: Rng,
     health: Mutex<Health>,
-    /// Proxy→agent configurations already signed, reused for [`SIGNED_REUSE_MAX`].
-    signed: Mutex<SignedCache>,
+    /// Proxy→agent TLS configurations already signed, by the DER of the user
+    /// certificate they were signed for; reused for [`postern_pki::reuse::REUSE_MAX`].
+    signed: Mutex<IssuedCache<Vec<u8>, TlsConnector>>,
     /// Origin of the monotonic time `Health` counts in.
     origin: Instant,
     attempts_max: usize,
@@ -526,7 +427,7 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             clock,
             rng,
             health: Mutex::new(Health::default()),
-            signed: Mutex::new(SignedCache::default()),
+            signed: Mutex::new(IssuedCache::default()),
             origin: monotonic_now(),
             attempts_max: ATTEMPTS_MAX_DEFAULT,
             handshake_timeout: AGENT_HANDSHAKE_TIMEOUT_DEFAULT,
@@ -657,7 +558,13 @@ impl<S: DbAccessSigner> Dispatcher<S> {
             return Err(DispatchError::Startup(message));
         }
         startup.extend_from_slice(&pending);
-        if agent_stream.write_all(&startup).await.is_err() {
+        // Flushed: TLS keeps what the channel did not take at once until the next write,
+        // and the agent answers nothing before it has the StartupMessage.
+        let sent = async {
+            agent_stream.write_all(&startup).await?;
+            agent_stream.flush().await
+        };
+        if sent.await.is_err() {
             let message = format!("the database service for {service:?} closed the connection");
             crate::postgres::send_error(&mut client, SqlState::CONNECTION_FAILURE, &message, None)
                 .await
@@ -679,7 +586,8 @@ impl<S: DbAccessSigner> Dispatcher<S> {
 
     /// The TLS configuration that presents a proxy→agent certificate for `identity`:
     /// signed now, or signed for the same user certificate less than
-    /// [`SIGNED_REUSE_MAX`] ago.
+    /// [`postern_pki::reuse::REUSE_MAX`] ago. The agent checks it the same either way: it carries
+    /// the same identity, and the agent looks the roles up for every session.
     async fn connector(&self, identity: &VerifiedIdentity) -> Result<TlsConnector, String> {
         let cache = || self.signed.lock().unwrap_or_else(PoisonError::into_inner);
         let now_secs = || self.clock.now().as_secs();
@@ -701,12 +609,8 @@ impl<S: DbAccessSigner> Dispatcher<S> {
         )
         .map_err(|e| e.to_string())?;
         let connector = TlsConnector::from(tls);
-        let signed = Signed {
-            connector: connector.clone(),
-            signed_at: self.now(),
-            expires_secs,
-        };
-        cache().insert(identity.cert_der(), signed, self.now(), now_secs());
+        let key = identity.cert_der().to_vec();
+        cache().insert(key, connector.clone(), expires_secs, self.now(), now_secs());
         Ok(connector)
     }
 
@@ -792,5 +696,40 @@ fn startup_message(params: &StartupParams) -> StartupMessage {
     StartupMessage {
         version: ProtocolVersion::V3_0,
         parameters,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+
+    use super::*;
+
+    /// The client's side is a writer that keeps bytes until flushed, as TLS does with
+    /// what the socket did not take at once: the agent's answer must still reach the
+    /// client without any further traffic.
+    #[tokio::test]
+    async fn the_agents_answer_reaches_a_buffering_client_without_more_traffic() {
+        let (mut client_app, proxy_client_side) = tokio::io::duplex(4096);
+        let (from_client, to_client) = tokio::io::split(proxy_client_side);
+        let mut client = tokio::io::join(from_client, BufWriter::new(to_client));
+        let (mut agent_app, mut agent) = tokio::io::duplex(4096);
+        let (_closing_tx, closing) = watch::channel(false);
+        let relayed = tokio::spawn(async move {
+            relay(&mut client, &mut agent, BackendFrames::default(), closing).await
+        });
+
+        let ready_for_query = b"Z\0\0\0\x05I";
+        agent_app.write_all(ready_for_query).await.unwrap();
+        let mut got = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(5), client_app.read_exact(&mut got))
+            .await
+            .expect("the answer stayed in the proxy's buffer")
+            .unwrap();
+        assert_eq!(&got, ready_for_query);
+
+        drop(agent_app);
+        let ended = relayed.await.unwrap().unwrap();
+        assert_eq!(ended, Ended::Closed);
     }
 }

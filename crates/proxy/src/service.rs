@@ -686,7 +686,11 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
                 return;
             }
         };
-        if upstream.write_all(&hello).await.is_err() {
+        let sent = async {
+            upstream.write_all(&hello).await?;
+            upstream.flush().await
+        };
+        if sent.await.is_err() {
             return;
         }
         // Either side closing ends it; errors are a peer going away.
@@ -819,6 +823,7 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
                 .await
                 .map_err(|e| e.to_string())?;
             channel.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            channel.flush().await.map_err(|e| e.to_string())?;
             channel.shutdown().await.map_err(|e| e.to_string())
         };
         match tokio::time::timeout(CANCEL_FORWARD_TIMEOUT, forwarding).await {

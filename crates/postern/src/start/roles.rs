@@ -11,13 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use postern_agent::service::{
     AgentService, AgentServiceConfig, AgentTimers, DatabaseConfig, DatabaseTls, DynamicLabel,
     HostMaterial,
 };
 use postern_agent::upstream::TlsMode;
-use postern_auth::api::{DbAccessRequest, SshCertRequest};
+use postern_auth::api::SshCertRequest;
 use postern_auth::audit::{AuditLog, FileAuditLog, PostgresAuditLog};
 use postern_auth::backend::{Backend, PostgresBackend, SqliteBackend};
 use postern_auth::client::AuthClient;
@@ -31,7 +30,6 @@ use postern_proxy::dispatch::DbAccessSigner;
 use postern_proxy::service::{Listen, ProxyLimits, ProxyService, ProxyServiceConfig};
 use postern_rt::Runtime;
 use prometheus_client::registry::Registry;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 
@@ -376,29 +374,8 @@ impl DbAccessSigner for ApiSigner {
         &self,
         user: &VerifiedIdentity,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-        let key = PrivateKey::generate().map_err(|error| error.to_string())?;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let answer = self
-            .auth
-            .db_access(&DbAccessRequest {
-                user_cert: b64.encode(user.cert_der()),
-                public_key: b64.encode(key.public_key().der()),
-            })
-            .await
-            .map_err(|error| error.to_string())?;
-        let chain = pem_certs(&answer.cert).map_err(|error| error.to_string())?;
-        Ok((chain, key.to_rustls()))
+        self.auth.db_access_cert(user.cert_der()).await
     }
-}
-
-fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, BoxError> {
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| format!("certificate from auth: {error}"))?;
-    if certs.is_empty() {
-        return Err("the auth service answered without a certificate".into());
-    }
-    Ok(certs)
 }
 
 /// Runs the proxy and the agent (those configured) and the metrics endpoint until
@@ -417,13 +394,26 @@ async fn run_roles<L: LocalAuth>(
     };
     let mut registry = Registry::default();
     // Joining a remote auth server waits for it to answer: a signal meanwhile stops.
-    let mut proxy = match &config.proxy {
+    let built = match &config.proxy {
         Some(section) => tokio::select! {
             () = stopped(stop_rx.clone()) => return Ok(()),
             proxy = build_proxy(runtime, section, local) => Some(proxy?),
         },
         None => None,
     };
+    // CA rotations: the proxy's front doors follow the user CAs auth lists (the agent
+    // follows them itself).
+    let mut _follow_cas = None;
+    let mut proxy = built.map(|built| {
+        let handle = built.service.handle();
+        _follow_cas = Some(AbortOnDrop(tokio::spawn(async move {
+            let apply = |cas: &[TrustedCa]| handle.set_user_cas(cas).map_err(|e| e.to_string());
+            (built.auth)
+                .follow_user_cas(built.user_cas, PROXY_CA_POLL_PERIOD, apply)
+                .await;
+        })));
+        built.service
+    });
     // The agent dials the proxy of this process on its bound tunnel port.
     let mut local_tunnel = None;
     if let Some(proxy) = &mut proxy {
@@ -619,7 +609,7 @@ async fn build_proxy<L: LocalAuth>(
     runtime: &Runtime,
     section: &ProxySection,
     local: Option<&L>,
-) -> Result<ProxyService<ApiSigner>, BoxError> {
+) -> Result<BuiltProxy, BoxError> {
     let public = section
         .public_addr
         .clone()
@@ -711,8 +701,33 @@ async fn build_proxy<L: LocalAuth>(
             ..ProxyLimits::default()
         },
     };
-    let signer = ApiSigner { auth };
-    Ok(ProxyService::new(runtime, config, signer)?)
+    let user_cas = config.user_cas.clone();
+    let signer = ApiSigner { auth: auth.clone() };
+    Ok(BuiltProxy {
+        service: ProxyService::new(runtime, config, signer)?,
+        auth,
+        user_cas,
+    })
+}
+
+/// How often the proxy asks auth for the cluster's CAs, to follow a rotation.
+const PROXY_CA_POLL_PERIOD: Duration = Duration::from_secs(5);
+
+/// Aborts a background task when dropped (when the roles stop).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A proxy ready to bind, with what it needs to follow CA rotations.
+struct BuiltProxy {
+    service: ProxyService<ApiSigner>,
+    auth: AuthClient,
+    /// The user CAs it trusts at start.
+    user_cas: Vec<TrustedCa>,
 }
 
 async fn build_agent<L: LocalAuth>(
