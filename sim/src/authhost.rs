@@ -18,7 +18,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use base64::Engine as _;
-use postern_auth::api::{DbAccessRequest, JoinRequest, SshCertRequest};
+use postern_auth::api::{JoinRequest, SshCertRequest};
 use postern_auth::audit::{AuditEvent, AuditLog, AuditQuery, MemoryAuditLog};
 use postern_auth::backend::MemoryBackend;
 use postern_auth::client::AuthClient;
@@ -28,9 +28,8 @@ use postern_auth::user::PasswordCost;
 use postern_pki::ssh::ssh_key;
 use postern_pki::{CaKind, IssuedCert, PrivateKey, TrustedCa, VerifiedIdentity};
 use postern_proxy::dispatch::DbAccessSigner;
-use postern_proxy::service::{Listen, ProxyHandle, ProxyLimits, ProxyService, ProxyServiceConfig};
+use postern_proxy::service::{Listen, ProxyLimits, ProxyService, ProxyServiceConfig};
 use postern_rt::{Blocking, Net, Rng, Runtime, WallClock};
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::world::World;
