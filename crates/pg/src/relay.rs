@@ -82,11 +82,8 @@ pub struct Relay {
     /// Requests sent, oldest first, waiting for the server's answer: what each waits for
     /// and, when audited, its record in `records`.
     pending: VecDeque<Pending>,
-    /// Every record, in use or free: requests and events move through the queues as
-    /// indices, so a record is written in place once and never moved.
-    records: Vec<Record>,
-    /// Indices of free records, whose buffers are reused.
-    free: Vec<RecordId>,
+    /// Every record, in use or free.
+    records: Records,
     pending_bytes: usize,
     /// The server reported an error in an extended-protocol batch and discards every
     /// message until the client's next Sync.
@@ -193,16 +190,15 @@ impl<T> Named<T> {
             .chain(self.named.values())
     }
 
-    /// Forgets every entry; memory held for named ones is given back. The unnamed one is
-    /// returned, for its buffers to be reused.
-    fn clear(&mut self) -> Option<T> {
+    /// Forgets every entry; memory held for named ones is given back.
+    fn clear(&mut self) {
         if !self.scanned.is_empty() {
             self.scanned = Vec::new();
         }
         if !self.named.is_empty() {
             self.named = HashMap::new();
         }
-        self.unnamed.take()
+        self.unnamed = None;
     }
 }
 
@@ -210,15 +206,16 @@ impl<T> Named<T> {
 struct Portal {
     /// Shared with the statement table: one copy of the SQL however many portals.
     query: Option<SqlId>,
-    /// The Bind's parameter format codes then its values, as sent (checked then).
-    parameters: Vec<u8>,
-    formats_len: usize,
-    value_count: u16,
+    /// The record of the Bind that created the portal, one holder of it: its buffer has
+    /// the parameter format codes and values as sent, shown by each Execute event.
+    bind: RecordId,
+    /// Bytes of those format codes and values.
+    parameters_len: usize,
 }
 
 impl Portal {
     fn held_bytes(&self, sql: &SqlStore) -> usize {
-        self.query.map_or(0, |q| sql.get(q).len()) + self.parameters.len()
+        self.query.map_or(0, |q| sql.get(q).len()) + self.parameters_len
     }
 }
 
@@ -315,6 +312,15 @@ enum Step {
     Sync,
 }
 
+/// Appends `bytes` to `buf`. Many of the names a record copies are empty (the unnamed
+/// statement and portal, no format codes), and `extend_from_slice` calls libc's `memcpy`
+/// even for no bytes.
+fn extend_short(buf: &mut Vec<u8>, bytes: &[u8]) {
+    if !bytes.is_empty() {
+        buf.extend_from_slice(bytes);
+    }
+}
+
 /// Where a field of a [`Record`] is in its buffer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Span {
@@ -342,15 +348,22 @@ enum Answer {
 }
 
 /// One audited request and, once known, its answer: every byte the event shows in one
-/// buffer, reused from event to event.
+/// buffer, reused from event to event (but for an Execute's parameters, which stay in
+/// the buffer of the Bind's record).
 #[derive(Debug)]
 struct Record {
     kind: EventKind,
     buf: Vec<u8>,
+    /// The request or event, and for a Bind also its portal and each Execute event of
+    /// that portal: the record is freed with the last.
+    holders: u32,
     query: Sql,
     statement: Option<Span>,
     portal: Option<Span>,
     function: Option<u32>,
+    /// The Bind record whose buffer `formats` and `values` are in (one holder of it);
+    /// `None`: this record's own.
+    parameters_of: Option<RecordId>,
     /// Parameter format codes and values, as sent (checked when decoded).
     formats: Span,
     values: Span,
@@ -366,10 +379,12 @@ impl Record {
         Record {
             kind,
             buf: Vec::new(),
+            holders: 1,
             query: Sql::None,
             statement: None,
             portal: None,
             function: None,
+            parameters_of: None,
             formats: Span::default(),
             values: Span::default(),
             value_count: 0,
@@ -382,10 +397,12 @@ impl Record {
     fn reset(&mut self, kind: EventKind) {
         self.buf.clear();
         self.kind = kind;
+        self.holders = 1;
         self.query = Sql::None;
         self.statement = None;
         self.portal = None;
         self.function = None;
+        self.parameters_of = None;
         self.formats = Span::default();
         self.values = Span::default();
         self.value_count = 0;
@@ -395,7 +412,7 @@ impl Record {
 
     fn push(&mut self, bytes: &[u8]) -> Span {
         let start = self.buf.len();
-        self.buf.extend_from_slice(bytes);
+        extend_short(&mut self.buf, bytes);
         Span {
             start,
             end: self.buf.len(),
@@ -403,8 +420,9 @@ impl Record {
     }
 
     fn get(&self, span: Span) -> &[u8] {
-        // Spans are only ever made by `push` on this buffer, which is only cut back to
-        // `answer_at`, after every span but the answer's.
+        // Spans are only ever made by `push` on the buffer they are read from (an
+        // Execute's parameters: the Bind's), which is only cut back to `answer_at`,
+        // after every span but the answer's.
         self.buf.get(span.start..span.end).unwrap_or_default()
     }
 
@@ -412,6 +430,44 @@ impl Record {
         self.formats = self.push(formats.bytes());
         self.values = self.push(values.bytes());
         self.value_count = values.count();
+    }
+
+    /// Fills in a Bind from `body`, the message `bind` was decoded from, in one copy:
+    /// its portal, statement, format codes and values are one run at the start of the
+    /// body (`portal\0 statement\0 count formats count values`, then the result formats,
+    /// which the event does not show).
+    fn set_bind(&mut self, body: &[u8], bind: &BindView<'_>) {
+        let portal_end = bind.portal.len();
+        let statement_start = portal_end + 1;
+        let statement_end = statement_start + bind.statement.len();
+        let formats_start = statement_end + 1 + 2;
+        let formats_end = formats_start + bind.parameter_formats.bytes().len();
+        let values_start = formats_end + 2;
+        let values_end = values_start + bind.parameters.bytes().len();
+        debug_assert_eq!(body.get(..portal_end), Some(bind.portal));
+        debug_assert_eq!(
+            body.get(statement_start..statement_end),
+            Some(bind.statement)
+        );
+        debug_assert_eq!(
+            body.get(formats_start..formats_end),
+            Some(bind.parameter_formats.bytes())
+        );
+        debug_assert_eq!(
+            body.get(values_start..values_end),
+            Some(bind.parameters.bytes())
+        );
+        // The decoder read that far, so the body has those bytes.
+        let all = self.push(body.get(..values_end).unwrap_or_default());
+        let span = |start: usize, end: usize| Span {
+            start: all.start + start,
+            end: all.start + end,
+        };
+        self.portal = Some(span(0, portal_end));
+        self.statement = Some(span(statement_start, statement_end));
+        self.formats = span(formats_start, formats_end);
+        self.values = span(values_start, values_end);
+        self.value_count = bind.parameters.count();
     }
 
     /// Records the server's answer, copying its text.
@@ -438,7 +494,9 @@ impl Record {
         self.buf.len()
     }
 
-    fn view<'a>(&'a self, sql: &'a SqlStore) -> EventView<'a> {
+    /// The event; `parameters` is the record whose buffer the parameters are in (see
+    /// `parameters_of`).
+    fn view<'a>(&'a self, parameters: &'a Record, sql: &'a SqlStore) -> EventView<'a> {
         EventView {
             kind: self.kind,
             query: match &self.query {
@@ -450,8 +508,8 @@ impl Record {
             portal: self.portal.map(|s| self.get(s)),
             function: self.function,
             parameters: ParametersView::new(
-                FormatsView::checked(self.get(self.formats)),
-                ValuesView::checked(self.value_count, self.get(self.values)),
+                FormatsView::checked(parameters.get(self.formats)),
+                ValuesView::checked(self.value_count, parameters.get(self.values)),
             ),
             outcome: match self.answer {
                 Answer::Succeeded(tag) => OutcomeView::Succeeded {
@@ -469,6 +527,97 @@ impl Record {
     }
 }
 
+/// Every record, in use or free: requests and events move through the queues as indices,
+/// so a record is written in place once and never moved. A Bind's record is also held by
+/// the portal it created and by each Execute event of that portal, which show the
+/// parameters from its buffer instead of copying them.
+#[derive(Debug, Default)]
+struct Records {
+    slots: Vec<Record>,
+    /// Indices of free records, whose buffers are reused.
+    free: Vec<RecordId>,
+}
+
+impl std::ops::Index<RecordId> for Records {
+    type Output = Record;
+
+    fn index(&self, id: RecordId) -> &Record {
+        &self.slots[id as usize]
+    }
+}
+
+impl std::ops::IndexMut<RecordId> for Records {
+    fn index_mut(&mut self, id: RecordId) -> &mut Record {
+        &mut self.slots[id as usize]
+    }
+}
+
+impl Records {
+    /// A record of `kind` with one holder, reusing a free one when there is one.
+    fn new_record(&mut self, kind: EventKind) -> RecordId {
+        match self.free.pop() {
+            Some(id) => {
+                self[id].reset(kind);
+                id
+            }
+            None => {
+                // At most `pending_requests_max` records wait, plus the events of one
+                // read and the Binds of tracked portals: far fewer than `u32::MAX`.
+                let id = self.slots.len() as RecordId;
+                let mut record = Record::new(kind);
+                // Enough for the names, parameters and answer of most requests, so the
+                // buffer is not grown step by step.
+                record.buf.reserve(RECORD_BUFFER_CAPACITY);
+                self.slots.push(record);
+                id
+            }
+        }
+    }
+
+    /// One more holder of `id`.
+    fn acquire(&mut self, id: RecordId) -> RecordId {
+        self[id].holders += 1;
+        id
+    }
+
+    /// One holder fewer; the last frees the record. Its buffer is kept for reuse if
+    /// small, and only so many are kept.
+    fn release(&mut self, id: RecordId, sql: &mut SqlStore) {
+        let mut next = Some(id);
+        while let Some(id) = next {
+            let spare = self.free.len() < SPARE_BUFFERS_MAX;
+            let record = &mut self[id];
+            record.holders -= 1;
+            if record.holders > 0 {
+                return;
+            }
+            if record.buf.capacity() > SPARE_BUFFER_CAPACITY_MAX || !spare {
+                record.buf = Vec::new();
+            }
+            // Lets go of a shared statement's SQL now rather than when the record is
+            // reused.
+            if let Sql::Shared(query) = record.query {
+                sql.release(query);
+            }
+            record.query = Sql::None;
+            // An Execute's hold on its Bind (a Bind holds no other record).
+            next = record.parameters_of.take();
+            self.free.push(id);
+        }
+    }
+
+    fn view<'a>(&'a self, id: RecordId, sql: &'a SqlStore) -> EventView<'a> {
+        let record = &self[id];
+        let parameters = record.parameters_of.map_or(record, |bind| &self[bind]);
+        record.view(parameters, sql)
+    }
+
+    /// Capacity of the buffers kept for reuse.
+    fn spare_bytes(&self) -> usize {
+        self.free.iter().map(|&id| self[id].buf.capacity()).sum()
+    }
+}
+
 impl Relay {
     /// A relay for a session whose start-up and authentication are over (the agent did
     /// them itself): both directions carry tagged messages from the first byte.
@@ -478,8 +627,7 @@ impl Relay {
             server: Stream::new(Direction::Backend, false),
             limits,
             pending: VecDeque::new(),
-            records: Vec::new(),
-            free: Vec::new(),
+            records: Records::default(),
             pending_bytes: 0,
             discarding_until_sync: false,
             tracked: Tracked::default(),
@@ -506,8 +654,8 @@ impl Relay {
         self.check_usable(Direction::Frontend)?;
         let result = self.read_client(input);
         if let Err(error) = &result {
-            let id = self.new_record(EventKind::MalformedPacket);
-            self.records[id as usize].answer(OutcomeView::Failed {
+            let id = self.records.new_record(EventKind::MalformedPacket);
+            self.records[id].answer(OutcomeView::Failed {
                 code: error.sql_state().as_str().as_bytes(),
                 message: error.to_string().as_bytes(),
             });
@@ -602,22 +750,18 @@ impl Relay {
             + self.server.buf.capacity()
             + self.pending_bytes
             + self.tracked.held_bytes()
-            + self
-                .free
-                .iter()
-                .map(|&id| self.records[id as usize].buf.capacity())
-                .sum::<usize>()
+            + self.records.spare_bytes()
     }
 
     /// The next audit event, borrowed from the relay until the next call; `None` when
     /// there is none. Drain after every `handle_*` call.
     pub fn poll_event_view(&mut self) -> Option<EventView<'_>> {
         if let Some(done) = self.lent.take() {
-            self.free_record(done);
+            self.records.release(done, &mut self.tracked.sql);
         }
         let id = self.ready.pop_front()?;
         self.lent = Some(id);
-        Some(self.records[id as usize].view(&self.tracked.sql))
+        Some(self.records.view(id, &self.tracked.sql))
     }
 
     /// The next audit event, owned (text converted, parameters rendered): what
@@ -626,40 +770,9 @@ impl Relay {
         self.poll_event_view().map(|event| event.to_owned())
     }
 
-    /// A record of `kind`, reusing a free one when there is one.
-    fn new_record(&mut self, kind: EventKind) -> RecordId {
-        match self.free.pop() {
-            Some(id) => {
-                self.records[id as usize].reset(kind);
-                id
-            }
-            None => {
-                // At most `pending_requests_max` records wait, plus the events of one
-                // read: far fewer than `u32::MAX`.
-                let id = self.records.len() as RecordId;
-                let mut record = Record::new(kind);
-                // Enough for the names, parameters and answer of most requests, so the
-                // buffer is not grown step by step.
-                record.buf.reserve(RECORD_BUFFER_CAPACITY);
-                self.records.push(record);
-                id
-            }
-        }
-    }
-
-    /// Frees a record; its buffer is kept for reuse if small, and only so many are kept.
+    /// Lets go of a record the relay itself holds (a request, an event).
     fn free_record(&mut self, id: RecordId) {
-        let record = &mut self.records[id as usize];
-        if record.buf.capacity() > SPARE_BUFFER_CAPACITY_MAX || self.free.len() >= SPARE_BUFFERS_MAX
-        {
-            record.buf = Vec::new();
-        }
-        // Lets go of a shared statement's SQL now rather than when the record is reused.
-        if let Sql::Shared(query) = record.query {
-            self.tracked.sql.release(query);
-        }
-        record.query = Sql::None;
-        self.free.push(id);
+        self.records.release(id, &mut self.tracked.sql);
     }
 
     fn check_usable(&self, direction: Direction) -> Result<(), Error> {
@@ -702,24 +815,21 @@ impl Relay {
                 return self.on_unaudited(Step::Describe);
             }
             (frontend::tag::QUERY, [query @ .., 0]) if !query.contains(&0) => {
-                let id = self.new_record(EventKind::Query);
-                let record = &mut self.records[id as usize];
+                let id = self.records.new_record(EventKind::Query);
+                let record = &mut self.records[id];
                 record.query = Sql::Copied(record.push(query));
                 return self.on_audited(Step::Query, id);
             }
             (frontend::tag::BIND, _) => {
                 let bind = BindView::decode(body)
                     .map_err(|kind| Error::invalid(Direction::Frontend, Some(tag), kind))?;
-                let id = self.new_record(EventKind::PostgresBind);
-                let record = &mut self.records[id as usize];
-                record.statement = Some(record.push(bind.statement));
-                record.portal = Some(record.push(bind.portal));
-                record.set_parameters(bind.parameter_formats, bind.parameters);
+                let id = self.records.new_record(EventKind::PostgresBind);
+                self.records[id].set_bind(body, &bind);
                 return self.on_audited(Step::Bind, id);
             }
             (frontend::tag::EXECUTE, [portal @ .., 0, _, _, _, _]) if !portal.contains(&0) => {
-                let id = self.new_record(EventKind::PostgresExecute);
-                let record = &mut self.records[id as usize];
+                let id = self.records.new_record(EventKind::PostgresExecute);
+                let record = &mut self.records[id];
                 record.portal = Some(record.push(portal));
                 return self.on_audited(Step::Execute, id);
             }
@@ -748,19 +858,15 @@ impl Relay {
             // the Query or Execute that started the COPY.
             _ => return Ok(()),
         };
-        let id = self.new_record(kind);
-        let record = &mut self.records[id as usize];
+        let id = self.records.new_record(kind);
+        let record = &mut self.records[id];
         match message {
             MessageView::Query(query) => record.query = Sql::Copied(record.push(query)),
             MessageView::Parse(parse) => {
                 record.statement = Some(record.push(parse.name));
                 record.query = Sql::Copied(record.push(parse.query));
             }
-            MessageView::Bind(bind) => {
-                record.statement = Some(record.push(bind.statement));
-                record.portal = Some(record.push(bind.portal));
-                record.set_parameters(bind.parameter_formats, bind.parameters);
-            }
+            MessageView::Bind(bind) => record.set_bind(body, &bind),
             MessageView::Execute { portal, .. } => record.portal = Some(record.push(portal)),
             MessageView::Close(TargetView::Statement(name)) => {
                 record.statement = Some(record.push(name));
@@ -777,7 +883,7 @@ impl Relay {
 
     /// An audited request, its record filled in: queued for the server's answer.
     fn on_audited(&mut self, step: Step, id: RecordId) -> Result<(), Error> {
-        let record = &mut self.records[id as usize];
+        let record = &mut self.records[id];
         if self.discarding_until_sync {
             // The server reads and drops it: audit it as never run.
             record.answer(OutcomeView::Skipped);
@@ -833,7 +939,7 @@ impl Relay {
     fn pop_pending(&mut self) -> Option<(Step, Option<RecordId>)> {
         let Pending { step, record } = self.pending.pop_front()?;
         if let Some(id) = record {
-            let held = self.records[id as usize].held_bytes();
+            let held = self.records[id].held_bytes();
             self.pending_bytes = self.pending_bytes.saturating_sub(held);
         }
         Some((step, record))
@@ -917,7 +1023,7 @@ impl Relay {
                 step: front,
                 record: Some(id),
             }) if front == step => {
-                let record = &mut self.records[id as usize];
+                let record = &mut self.records[id];
                 let before = record.held_bytes();
                 record.answer(outcome);
                 // The answer's text is held as long as the request waits.
@@ -968,7 +1074,7 @@ impl Relay {
         }
         if status == backend::TransactionStatus::Idle {
             // Portals live until the end of the transaction.
-            self.tracked.clear_portals();
+            self.tracked.clear_portals(&mut self.records);
         }
     }
 
@@ -988,12 +1094,14 @@ impl Relay {
             outcome,
             OutcomeView::Succeeded { .. } | OutcomeView::Suspended
         );
-        let record = &mut self.records[id as usize];
-        if let Err(error) = self.tracked.on_complete(step, ok, record, &self.limits) {
+        if let Err(error) = self
+            .tracked
+            .on_complete(step, ok, id, &mut self.records, &self.limits)
+        {
             self.free_record(id);
             return Err(error);
         }
-        record.answer(outcome);
+        self.records[id].answer(outcome);
         self.ready.push_back(id);
         Ok(())
     }
@@ -1005,28 +1113,30 @@ impl Relay {
 struct Tracked {
     /// Prepared statements: name -> SQL.
     statements: Named<SqlId>,
-    /// Portals: name -> SQL and parameters.
+    /// Portals: name -> SQL and the Bind's record (its parameters).
     portals: Named<Portal>,
     /// Bytes of SQL and parameters held by both.
     bytes: usize,
-    /// Portal parameter buffers to reuse (cleared).
-    spare: Vec<Vec<u8>>,
     /// The SQL of statements, portals and records: each holds one count.
     sql: SqlStore,
 }
 
 impl Tracked {
-    /// Notes what a request the server answered did to the statements and portals, and
-    /// fills in its record's SQL (and, for Execute, its portal's parameters).
+    /// Notes what the request of record `id`, which the server answered, did to the
+    /// statements and portals, and fills in its record's SQL (and, for Execute, its
+    /// portal's parameters).
     fn on_complete(
         &mut self,
         step: Step,
         ok: bool,
-        record: &mut Record,
+        id: RecordId,
+        records: &mut Records,
         limits: &Limits,
     ) -> Result<(), Error> {
-        match (step, record.statement, record.portal) {
+        let (statement, portal) = (records[id].statement, records[id].portal);
+        match (step, statement, portal) {
             (Step::Parse, Some(name), _) if ok => {
+                let record = &mut records[id];
                 let query = self.sql.insert(match record.query {
                     Sql::Copied(span) => record.get(span),
                     _ => &[],
@@ -1040,32 +1150,35 @@ impl Tracked {
                 record.query = Sql::Shared(query);
             }
             (Step::Bind, Some(statement), Some(name)) => {
-                let query = self.statements.get(record.get(statement)).copied();
+                let query = self.statements.get(records[id].get(statement)).copied();
                 if ok {
                     let shared = query.map(|q| self.sql.acquire(q));
-                    self.track_portal(record, name, shared, limits)?;
+                    self.track_portal(id, name, shared, records, limits)?;
                 }
-                record.query = self.share(query);
+                records[id].query = self.share(query);
             }
             (Step::Execute, _, Some(name)) => {
-                if let Some(portal) = self.portals.get(record.get(name)) {
-                    let query = portal.query;
-                    // Format codes then values, in one copy.
-                    let all = record.push(&portal.parameters);
-                    let split = all.start + portal.formats_len;
-                    record.formats = Span {
-                        start: all.start,
-                        end: split,
+                let found = self
+                    .portals
+                    .get(records[id].get(name))
+                    .map(|portal| (portal.query, portal.bind));
+                if let Some((query, bind)) = found {
+                    // The parameters stay in the Bind's buffer: the event holds it.
+                    let bind = records.acquire(bind);
+                    let (formats, values, value_count) = {
+                        let bind = &records[bind];
+                        (bind.formats, bind.values, bind.value_count)
                     };
-                    record.values = Span {
-                        start: split,
-                        end: all.end,
-                    };
-                    record.value_count = portal.value_count;
+                    let record = &mut records[id];
+                    record.parameters_of = Some(bind);
+                    record.formats = formats;
+                    record.values = values;
+                    record.value_count = value_count;
                     record.query = self.share(query);
                 }
             }
             (Step::Close, Some(name), _) => {
+                let record = &mut records[id];
                 let name = record.get(name);
                 let query = self.statements.get(name).copied();
                 let shared = self.share(query);
@@ -1076,13 +1189,14 @@ impl Tracked {
                 record.query = shared;
             }
             (Step::Close, _, Some(name)) => {
-                let name = record.get(name);
+                let name = records[id].get(name);
                 let query = self.portals.get(name).and_then(|p| p.query);
                 let shared = self.share(query);
-                if ok && let Some(portal) = self.portals.remove(name) {
-                    self.drop_portal(portal);
+                let closed = if ok { self.portals.remove(name) } else { None };
+                if let Some(portal) = closed {
+                    self.drop_portal(portal, records);
                 }
-                record.query = shared;
+                records[id].query = shared;
             }
             _ => {}
         }
@@ -1097,13 +1211,13 @@ impl Tracked {
         }
     }
 
-    /// Forgets a portal: its bytes, its share of the SQL, its buffer (kept for reuse).
-    fn drop_portal(&mut self, portal: Portal) {
+    /// Forgets a portal: its bytes, its share of the SQL, its hold on its Bind's record.
+    fn drop_portal(&mut self, portal: Portal, records: &mut Records) {
         self.bytes = self.bytes.saturating_sub(portal.held_bytes(&self.sql));
         if let Some(query) = portal.query {
             self.sql.release(query);
         }
-        self.give_back(portal.parameters);
+        records.release(portal.bind, &mut self.sql);
     }
 
     /// Tracks a statement the server confirmed; `query` is the table's share of its SQL
@@ -1123,57 +1237,58 @@ impl Tracked {
         Ok(())
     }
 
-    /// Tracks the portal a Bind created, reusing the buffer of the portal it replaces;
-    /// `query` is the portal's share of its statement's SQL (released if the portal cannot
-    /// be tracked).
+    /// Tracks the portal that the Bind of record `bind` created (named by its span
+    /// `name`), replacing any of that name; `query` is the portal's share of its
+    /// statement's SQL (released if the portal cannot be tracked). The portal holds the
+    /// Bind's record for its parameters.
     fn track_portal(
         &mut self,
-        bind: &Record,
+        bind: RecordId,
         name: Span,
         query: Option<SqlId>,
+        records: &mut Records,
         limits: &Limits,
     ) -> Result<(), Error> {
-        let name = bind.get(name);
-        let mut parameters = match self.portals.remove(name) {
-            Some(old) => {
-                self.bytes = self.bytes.saturating_sub(old.held_bytes(&self.sql));
-                if let Some(query) = old.query {
-                    self.sql.release(query);
-                }
-                old.parameters
-            }
-            None => self.spare.pop().unwrap_or_default(),
-        };
-        parameters.clear();
-        let formats = bind.get(bind.formats);
-        parameters.extend_from_slice(formats);
-        parameters.extend_from_slice(bind.get(bind.values));
+        let record = &records[bind];
+        let name = record.get(name);
+        let replaced = self.portals.remove(name);
+        if let Some(old) = &replaced {
+            self.bytes = self.bytes.saturating_sub(old.held_bytes(&self.sql));
+        }
         let portal = Portal {
             query,
-            parameters,
-            formats_len: formats.len(),
-            value_count: bind.value_count,
+            bind,
+            parameters_len: record.get(record.formats).len() + record.get(record.values).len(),
         };
         let held = portal.held_bytes(&self.sql);
-        if let Err(e) = self.check(held, limits) {
-            self.drop_portal_untracked(portal);
-            return Err(e);
+        let result = self.check(held, limits);
+        if result.is_ok() {
+            self.bytes += held;
+            self.portals.insert(name, portal);
         }
-        self.bytes += held;
-        self.portals.insert(name, portal);
-        Ok(())
-    }
-
-    /// Lets go of a portal that was never counted in `bytes`.
-    fn drop_portal_untracked(&mut self, portal: Portal) {
-        if let Some(query) = portal.query {
-            self.sql.release(query);
+        if let Some(old) = replaced {
+            // Its bytes were taken off above.
+            if let Some(query) = old.query {
+                self.sql.release(query);
+            }
+            records.release(old.bind, &mut self.sql);
         }
-        self.give_back(portal.parameters);
+        match result {
+            Ok(()) => {
+                records.acquire(bind);
+                Ok(())
+            }
+            Err(error) => {
+                if let Some(query) = query {
+                    self.sql.release(query);
+                }
+                Err(error)
+            }
+        }
     }
 
     /// Forgets every portal (the transaction ended).
-    fn clear_portals(&mut self) {
+    fn clear_portals(&mut self, records: &mut Records) {
         if self.portals.len() == 0 {
             return;
         }
@@ -1183,11 +1298,10 @@ impl Tracked {
             if let Some(query) = portal.query {
                 self.sql.release(query);
             }
+            records.release(portal.bind, &mut self.sql);
         }
         self.bytes = self.bytes.saturating_sub(held);
-        if let Some(unnamed) = self.portals.clear() {
-            self.give_back(unnamed.parameters);
-        }
+        self.portals.clear();
     }
 
     fn check(&self, more_bytes: usize, limits: &Limits) -> Result<(), Error> {
@@ -1210,15 +1324,9 @@ impl Tracked {
         Ok(())
     }
 
-    fn give_back(&mut self, buf: Vec<u8>) {
-        if buf.capacity() <= SPARE_BUFFER_CAPACITY_MAX && self.spare.len() < SPARE_BUFFERS_MAX {
-            self.spare.push(buf);
-        }
-    }
-
-    /// Bytes held, including buffers kept for reuse.
+    /// Bytes of SQL and parameters held (the parameters are in the Binds' records).
     fn held_bytes(&self) -> usize {
-        self.bytes + self.spare.iter().map(Vec::capacity).sum::<usize>()
+        self.bytes
     }
 }
 
@@ -1576,9 +1684,10 @@ mod tests {
         })
     }
 
-    // Goal: every holder of a statement's SQL (statement table, portal, event) gives its
-    // share back, through success, failure and replacement, so the SQL store does not
-    // grow with the number of statements a session prepares.
+    // Goal: every holder of a statement's SQL (statement table, portal, event) and of a
+    // Bind's record (its event, its portal, its portal's Execute events) gives its share
+    // back, through success, failure and replacement, so neither the SQL store nor the
+    // records grow with the number of statements a session prepares.
     #[test]
     fn statement_sql_is_released() {
         let mut relay = Relay::new(Limits::default());
@@ -1672,5 +1781,10 @@ mod tests {
                 .all(|e| e.holders == 0 && e.bytes.is_empty())
         );
         assert_eq!(relay.tracked.bytes, 0);
+        // Every record is free again: no portal or Execute event still holds a Bind's.
+        let records = &relay.records;
+        assert!(records.slots.len() <= 16, "{} records", records.slots.len());
+        assert_eq!(records.free.len(), records.slots.len());
+        assert!(records.slots.iter().all(|r| r.holders == 0));
     }
 }
