@@ -705,14 +705,28 @@ impl Relay {
                     "session (Terminate or CancelRequest)",
                 )));
             }
-            if let Some(Whole { tag, body }) =
-                self.client.whole_message(&mut input, &self.limits)?
-            {
-                if let Some(body) = body {
-                    self.on_client_message(Some(tag), body)?;
+            if self.client.at_boundary() {
+                // The usual case: whole messages one after another, handled straight
+                // from the read with no state kept between them.
+                while let Some((header, rest)) = input.split_first_chunk::<HEADER_LEN>() {
+                    let (tag, body_len, keep) =
+                        check_header(Direction::Frontend, *header, &self.limits)?;
+                    let Some((body, tail)) = rest.split_at_checked(body_len) else {
+                        break;
+                    };
+                    input = tail;
+                    if keep {
+                        self.on_client_message(Some(tag), body)?;
+                    }
+                    if self.client_ended {
+                        break;
+                    }
                 }
-                continue;
+                if input.is_empty() || self.client_ended {
+                    continue;
+                }
             }
+            // A message split across reads, or the untagged start-up packet.
             let Some(item) = self.client.next(&mut input, &self.limits)? else {
                 break;
             };
@@ -727,14 +741,24 @@ impl Relay {
 
     fn read_server(&mut self, mut input: &[u8]) -> Result<(), Error> {
         while !input.is_empty() {
-            if let Some(Whole { tag, body }) =
-                self.server.whole_message(&mut input, &self.limits)?
-            {
-                match body {
-                    Some(body) => self.on_server_frame(tag, body)?,
-                    None => self.on_server_skipped(tag),
+            if self.server.at_boundary() {
+                // As for the client: whole messages straight from the read.
+                while let Some((header, rest)) = input.split_first_chunk::<HEADER_LEN>() {
+                    let (tag, body_len, keep) =
+                        check_header(Direction::Backend, *header, &self.limits)?;
+                    let Some((body, tail)) = rest.split_at_checked(body_len) else {
+                        break;
+                    };
+                    input = tail;
+                    if keep {
+                        self.on_server_frame(tag, body)?;
+                    } else {
+                        self.on_server_skipped(tag);
+                    }
                 }
-                continue;
+                if input.is_empty() {
+                    break;
+                }
             }
             let Some(item) = self.server.next(&mut input, &self.limits)? else {
                 break;
@@ -1433,6 +1457,38 @@ const fn keep_backend(tag: u8) -> bool {
     )
 }
 
+/// Reads and checks a tagged header: the tag, the body length, and whether the body is
+/// read whole (else skipped). Inlined so that the read loops, which know their
+/// direction, pick their tag table without a branch.
+#[inline(always)]
+fn check_header(
+    direction: Direction,
+    header: [u8; HEADER_LEN],
+    limits: &Limits,
+) -> Result<(u8, usize, bool), Error> {
+    let (tag, body_len) = frame::parse_header(direction, header, limits.message_size_max)?;
+    let class = match direction {
+        Direction::Frontend => FRONTEND_TAGS[usize::from(tag)],
+        Direction::Backend => BACKEND_TAGS[usize::from(tag)],
+    };
+    let keep = class == TagClass::Keep;
+    if class == TagClass::Unknown {
+        return Err(Error::invalid(
+            direction,
+            Some(tag),
+            InvalidMessage::UnknownTag,
+        ));
+    }
+    if keep && HEADER_LEN + body_len > limits.buffered_message_size_max {
+        return Err(Error::limit(
+            Limit::BufferedMessageSize,
+            HEADER_LEN + body_len,
+            limits.buffered_message_size_max,
+        ));
+    }
+    Ok((tag, body_len, keep))
+}
+
 /// One direction of the byte stream, cut into messages without holding more than one
 /// audited message.
 #[derive(Debug)]
@@ -1451,14 +1507,6 @@ struct Body {
     tag: Option<u8>,
     remaining: usize,
     keep: bool,
-}
-
-/// A tagged message found whole in one read.
-#[derive(Debug)]
-struct Whole<'a> {
-    tag: u8,
-    /// `None` when the message is skipped (see `keep_frontend`, `keep_backend`).
-    body: Option<&'a [u8]>,
 }
 
 #[derive(Debug)]
@@ -1532,7 +1580,7 @@ impl Stream {
                 && let Some((header, rest)) = input.split_first_chunk::<HEADER_LEN>()
             {
                 // The whole header is in this read (but not the whole message, else
-                // `whole_message` would have taken it).
+                // the relay's read loop would have taken it).
                 let (tag, body_len, keep) = self.check_header(*header, limits)?;
                 *input = rest;
                 if let Some(item) = self.begin_body(tag, body_len, keep) {
@@ -1560,29 +1608,10 @@ impl Stream {
         }
     }
 
-    /// The usual case, with no state to keep: `input` starts with a whole tagged message
-    /// and no message is under way. Returns its tag and its body when it is read whole
-    /// (`None`: skipped), or `Ok(None)` when the case does not apply (then use `next`).
-    fn whole_message<'a>(
-        &self,
-        input: &mut &'a [u8],
-        limits: &Limits,
-    ) -> Result<Option<Whole<'a>>, Error> {
-        if self.body.is_some() || self.header_filled != 0 || self.untagged {
-            return Ok(None);
-        }
-        let Some((header, rest)) = input.split_first_chunk::<HEADER_LEN>() else {
-            return Ok(None);
-        };
-        let (tag, body_len, keep) = self.check_header(*header, limits)?;
-        let Some((body, tail)) = rest.split_at_checked(body_len) else {
-            return Ok(None);
-        };
-        *input = tail;
-        Ok(Some(Whole {
-            tag,
-            body: keep.then_some(body),
-        }))
+    /// No message is under way and the next is tagged: a whole message at the start of
+    /// a read can be handled straight from it (see `Relay::read_client`).
+    fn at_boundary(&self) -> bool {
+        self.body.is_none() && self.header_filled == 0 && !self.untagged
     }
 
     fn start_body(&mut self, limits: &Limits) -> Result<Option<Item<'static>>, Error> {
@@ -1621,34 +1650,12 @@ impl Stream {
         Ok(self.begin_body(tag, body_len, keep))
     }
 
-    /// Reads and checks a tagged header: the tag, the body length, and whether the body
-    /// is read whole (else skipped).
     fn check_header(
         &self,
         header: [u8; HEADER_LEN],
         limits: &Limits,
     ) -> Result<(u8, usize, bool), Error> {
-        let (tag, body_len) = frame::parse_header(self.direction, header, limits.message_size_max)?;
-        let class = match self.direction {
-            Direction::Frontend => FRONTEND_TAGS[usize::from(tag)],
-            Direction::Backend => BACKEND_TAGS[usize::from(tag)],
-        };
-        let keep = class == TagClass::Keep;
-        if class == TagClass::Unknown {
-            return Err(Error::invalid(
-                self.direction,
-                Some(tag),
-                InvalidMessage::UnknownTag,
-            ));
-        }
-        if keep && HEADER_LEN + body_len > limits.buffered_message_size_max {
-            return Err(Error::limit(
-                Limit::BufferedMessageSize,
-                HEADER_LEN + body_len,
-                limits.buffered_message_size_max,
-            ));
-        }
-        Ok((tag, body_len, keep))
+        check_header(self.direction, header, limits)
     }
 
     /// Starts reading (or skipping) a body that continues in later reads.
