@@ -140,9 +140,13 @@ impl<T> Default for Named<T> {
 impl<T> Named<T> {
     fn position(&self, name: &[u8]) -> Option<usize> {
         let key = scan_key(name);
-        self.scanned
-            .iter()
-            .position(|(k, n, _)| *k == key && n.as_slice() == name)
+        // A key holds the whole of a name of up to 7 bytes: then equal keys and lengths
+        // are enough (no call to compare the bytes). The key has only the low byte of
+        // the length, so a 263-byte name can have the key of a 7-byte one.
+        let short = name.len() <= 7;
+        self.scanned.iter().position(|(k, n, _)| {
+            *k == key && ((short && n.len() == name.len()) || n.as_slice() == name)
+        })
     }
 
     fn get(&self, name: &[u8]) -> Option<&T> {
@@ -1336,7 +1340,11 @@ impl Tracked {
 
     /// Forgets every portal (the transaction ended).
     fn clear_portals(&mut self, records: &mut Records) {
-        if self.portals.len() == 0 {
+        if self.portals.scanned.is_empty() && self.portals.named.is_empty() {
+            // Only the unnamed portal, if any: the usual case, after each statement.
+            if let Some(portal) = self.portals.unnamed.take() {
+                self.drop_portal(portal, records);
+            }
             return;
         }
         let mut held = 0;
@@ -1728,6 +1736,23 @@ mod tests {
                 assert_eq!(&buf[3..], &source[..len], "len {len} room {room}");
             }
         }
+    }
+
+    // Goal: a short statement name and a long one with the same scan key (same first 7
+    // bytes, lengths equal modulo 256) are told apart.
+    #[test]
+    fn scan_keys_of_short_and_long_names() {
+        let short = b"abcdefg".to_vec();
+        let mut long = short.clone();
+        long.resize(7 + 256, b'x');
+        assert_eq!(scan_key(&short), scan_key(&long));
+        let mut named = Named::default();
+        named.insert(&long, 1);
+        assert_eq!(named.get(&short), None);
+        named.insert(&short, 2);
+        assert_eq!((named.get(&long), named.get(&short)), (Some(&1), Some(&2)));
+        assert_eq!(named.remove(&short), Some(2));
+        assert_eq!((named.get(&long), named.get(&short)), (Some(&1), None));
     }
 
     // Goal: every holder of a statement's SQL (statement table, portal, event) and of a
