@@ -806,6 +806,7 @@ impl Relay {
 
     /// The next audit event, borrowed from the relay until the next call; `None` when
     /// there is none. Drain after every `handle_*` call.
+    #[inline]
     pub fn poll_event_view(&mut self) -> Option<EventView<'_>> {
         if let Some(done) = self.lent.take() {
             self.records.release(done, &mut self.tracked.sql);
