@@ -11,8 +11,18 @@
 //!
 //! Files live under `<storage root>/audit-spool/`, one segment file each
 //! (`<20-digit sequence>.spool`). A record is `len: u32 LE | crc32(payload): u32 LE |
-//! payload` where the payload is the event's JSON. On open, a record cut short or with
-//! a bad checksum ends its segment: the rest is cut off (a torn write from a crash).
+//! payload` where the payload is the event's JSON (never empty). On open, a record cut
+//! short or with a bad checksum ends its segment: the rest is cut off (a torn write from
+//! a crash).
+//!
+//! A segment file is zero-filled ahead of its records ([`SEGMENT_FILL_AHEAD_MIN`] to
+//! [`SEGMENT_FILL_AHEAD_MAX`] at a time, in the same write and `fdatasync` as the
+//! records that reach past the filled part): most appends then overwrite blocks that are
+//! already allocated and inside the file's size, and their `fdatasync` writes data only,
+//! not the file's size or block map (on ext4, an append that grows the file also waits
+//! for a journal commit).
+//! A zeroed header ([`Decoded::End`]) is where a segment's records end; the spool's
+//! size and bound count record bytes, never the zeros.
 //!
 //! A session's statements wait for their events to be on disk ([`Durable`]): the relay
 //! hands a chunk on only after the events it produced are fsync'd. The writer takes every
@@ -25,7 +35,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -55,8 +66,18 @@ mod sync {
 
 /// Most bytes the spool holds before new sessions are refused.
 pub const SPOOL_SIZE_MAX_DEFAULT: u64 = 256 * 1024 * 1024;
-/// A segment that grows past this is closed and a new one started.
+/// A segment takes batches while they fit within this many bytes; a batch that does not
+/// starts a new segment (a segment holds at least one batch, however large).
 pub const SEGMENT_SIZE_MAX: u64 = 4 * 1024 * 1024;
+/// How far past its records a segment file is zero-filled when an append reaches past
+/// the filled part: as far as the segment's records reach, at least
+/// [`SEGMENT_FILL_AHEAD_MIN`] and at most [`SEGMENT_FILL_AHEAD_MAX`]. The `fdatasync`
+/// that also writes the file's size then comes once per that many bytes of records; the
+/// zeros written with it are few in a new segment (which, under a trickle of statements,
+/// may hold a single event before it is acknowledged and deleted) and never enough to
+/// stall the statements waiting on that append.
+pub const SEGMENT_FILL_AHEAD_MIN: u64 = 64 * 1024;
+pub const SEGMENT_FILL_AHEAD_MAX: u64 = 1024 * 1024;
 /// Most events in one batch sent to the auth service.
 pub const SHIP_BATCH_EVENTS_MAX: usize = 500;
 /// Most bytes of events (as spooled, which is how they are sent) in one batch sent to
@@ -111,8 +132,11 @@ const CRC32_TABLE: [u32; 256] = {
     table
 };
 
-/// Appends one framed record holding `payload` to `out`.
+/// Appends one framed record holding `payload` (not empty) to `out`.
 pub fn encode_record(payload: &[u8], out: &mut Vec<u8>) -> Result<(), SpoolError> {
+    if payload.is_empty() {
+        return Err(SpoolError::RecordEmpty);
+    }
     if payload.len() > RECORD_SIZE_MAX {
         return Err(SpoolError::RecordTooLarge {
             size: payload.len(),
@@ -136,6 +160,9 @@ pub enum Decoded<'a> {
     Incomplete,
     /// The bytes are not a valid record (bad length or checksum).
     Corrupt,
+    /// A zeroed header: no record starts here (the zero-filled part of a segment, past
+    /// its last record).
+    End,
 }
 
 /// Decodes the record at the start of `bytes`.
@@ -145,6 +172,9 @@ pub fn decode_record(bytes: &[u8]) -> Decoded<'_> {
     };
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len == 0 && crc == 0 {
+        return Decoded::End;
+    }
     if len > RECORD_SIZE_MAX {
         return Decoded::Corrupt;
     }
@@ -172,6 +202,9 @@ pub enum SpoolError {
     Io { path: PathBuf, source: io::Error },
     #[error("an audit record of {size} bytes is larger than the spool's limit {RECORD_SIZE_MAX}")]
     RecordTooLarge { size: usize },
+    /// An empty payload would read back as the zero-filled end of a segment.
+    #[error("an audit record cannot be empty")]
+    RecordEmpty,
     #[error("cannot encode an audit event: {0}")]
     Encode(String),
 }
@@ -214,7 +247,15 @@ struct Segment {
 struct Inner {
     segments: VecDeque<Segment>,
     /// The last segment, open for appends.
-    writer: Option<File>,
+    writer: Option<SegmentFile>,
+}
+
+/// The file of the segment being written.
+#[derive(Debug)]
+struct SegmentFile {
+    file: File,
+    /// The file's size: records, then zeros up to here.
+    filled: u64,
 }
 
 /// Tells sessions whether the spool takes more, and when their events are on disk;
@@ -338,17 +379,21 @@ impl Spool {
         if bytes.is_empty() {
             return Ok(());
         }
+        let records = bytes.len() as u64;
         let mut inner = self.lock();
-        let rotate = match inner.segments.back() {
-            None => true,
-            Some(last) => inner.writer.is_none() || last.len >= SEGMENT_SIZE_MAX,
+        let rotate = match (inner.segments.back(), &inner.writer) {
+            (Some(last), Some(_)) => last.len > 0 && last.len + records > SEGMENT_SIZE_MAX,
+            _ => true,
         };
         if rotate {
             let seq = inner.segments.back().map_or(0, |s| s.seq + 1);
             let path = segment_path(&self.dir, seq);
+            // A file left by a rotation that failed before it was recorded holds nothing
+            // acknowledged: start it afresh.
             let file = OpenOptions::new()
                 .create(true)
-                .append(true)
+                .write(true)
+                .truncate(true)
                 .open(&path)
                 .map_err(io_error(&path))?;
             sync_dir(&self.dir)?;
@@ -359,22 +404,47 @@ impl Spool {
                 acked: 0,
                 in_flight: 0,
             });
-            inner.writer = Some(file);
+            inner.writer = Some(SegmentFile { file, filled: 0 });
         }
         let Inner { segments, writer } = &mut *inner;
-        let (Some(last), Some(file)) = (segments.back_mut(), writer.as_mut()) else {
+        let (Some(last), Some(out)) = (segments.back_mut(), writer.as_mut()) else {
             // Invariant: rotation above leaves a last segment with an open writer.
             return Err(SpoolError::Io {
                 path: self.dir.clone(),
                 source: io::Error::other("no open segment"),
             });
         };
-        file.write_all(&bytes).map_err(io_error(&last.path))?;
-        file.sync_data().map_err(io_error(&last.path))?;
-        last.len += bytes.len() as u64;
-        self.gate
-            .size
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let end = last.len + records;
+        let filled = if end > out.filled {
+            // Zero-fill ahead in the same write: the appends that follow overwrite
+            // allocated blocks inside the file's size.
+            let ahead = end.clamp(SEGMENT_FILL_AHEAD_MIN, SEGMENT_FILL_AHEAD_MAX);
+            let filled = (end + ahead).min(SEGMENT_SIZE_MAX.max(end));
+            bytes.resize(bytes.len() + (filled - end) as usize, 0);
+            filled
+        } else {
+            out.filled
+        };
+        let written = out
+            .file
+            .write_all_at(&bytes, last.len)
+            .and_then(|()| out.file.sync_data());
+        if let Err(source) = written {
+            // Whether a failed write or fsync left part of this batch behind is unknown
+            // (and after a failed fsync, a second one may report success for pages
+            // that were dropped): the retry starts a new segment, so nothing acknowledged
+            // ever comes after what this one left. On restart, the tail of this segment
+            // reads as torn and is cut off, or as whole records sent again (auth stores
+            // an event id once).
+            *writer = None;
+            return Err(SpoolError::Io {
+                path: last.path.clone(),
+                source,
+            });
+        }
+        out.filled = filled;
+        last.len = end;
+        self.gate.size.fetch_add(records, Ordering::Relaxed);
         drop(inner);
         self.written.notify_one();
         Ok(())
@@ -441,7 +511,7 @@ impl Spool {
                         }
                     }
                 }
-                Decoded::Incomplete | Decoded::Corrupt => break,
+                Decoded::Incomplete | Decoded::Corrupt | Decoded::End => break,
             }
         }
         segment.in_flight += at as u64;
@@ -611,8 +681,10 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:020}{SEGMENT_SUFFIX}"))
 }
 
-/// The length of the valid records at the start of the file at `path`; anything after
-/// them (a torn or corrupt record) is cut off.
+/// The length of the valid records at the start of the file at `path`. What follows them
+/// is cut off: zeros (the zero-filled part of a preallocated segment; the segment takes
+/// no more appends, a new one is started after open), or a torn or corrupt record from a
+/// crash mid-append.
 fn valid_prefix(path: &Path) -> Result<u64, SpoolError> {
     let bytes = std::fs::read(path).map_err(io_error(path))?;
     let mut at = 0;
@@ -620,11 +692,13 @@ fn valid_prefix(path: &Path) -> Result<u64, SpoolError> {
         at += used;
     }
     if at < bytes.len() {
-        tracing::warn!(
-            path = %path.display(),
-            cut = bytes.len() - at,
-            "audit spool: cutting a torn record off the end of a segment"
-        );
+        if bytes[at..].iter().any(|&b| b != 0) {
+            tracing::warn!(
+                path = %path.display(),
+                cut = bytes.len() - at,
+                "audit spool: cutting a torn record off the end of a segment"
+            );
+        }
         let file = OpenOptions::new()
             .write(true)
             .open(path)
@@ -778,5 +852,118 @@ mod tests {
     #[test]
     fn crc32_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    fn event(n: usize, query_size: usize) -> AuditEvent {
+        let mut rng = postern_rt::Rng::from_seed(n as u64);
+        AuditEvent::new(
+            ("db.session.query", "TDB02I"),
+            time::OffsetDateTime::from_unix_timestamp(1_800_000_000 + n as i64)
+                .expect("a valid time"),
+            &mut rng,
+        )
+        .with_field(
+            "query",
+            format!("select '{}' -- {n}", "x".repeat(query_size)),
+        )
+    }
+
+    fn file_len(path: &Path) -> u64 {
+        std::fs::metadata(path).expect("segment file").len()
+    }
+
+    // The segment being written is zero-filled a step ahead of its records (its file
+    // grows once per step, not per append), the spool's size counts records only, and a
+    // batch that does not fit in a segment starts the next one.
+    #[test]
+    fn segments_are_zero_filled_ahead_and_rotate_when_a_batch_does_not_fit() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let spool = Spool::open(dir.path(), SPOOL_SIZE_MAX_DEFAULT).expect("spool");
+        spool.append(&[event(0, 10)]).expect("append");
+        let (path, first_len) = {
+            let inner = spool.lock();
+            let last = inner.segments.back().expect("a segment");
+            (last.path.clone(), last.len)
+        };
+        assert_eq!(spool.size(), first_len);
+        assert_eq!(file_len(&path), first_len + SEGMENT_FILL_AHEAD_MIN);
+        let bytes = std::fs::read(&path).expect("segment file");
+        assert_eq!(decode_record(&bytes[first_len as usize..]), Decoded::End);
+
+        // Appends inside the filled part leave the file's size alone.
+        spool.append(&[event(1, 10), event(2, 10)]).expect("append");
+        assert_eq!(file_len(&path), first_len + SEGMENT_FILL_AHEAD_MIN);
+
+        // ~40 KiB events, 8 per batch: past the filled part the file grows by as much as
+        // it holds (within the bounds), and never past SEGMENT_SIZE_MAX for batches that
+        // fit; most appends do not grow it.
+        let mut n = 3;
+        let mut grown = 0;
+        let mut appends = 0;
+        while spool.lock().segments.len() == 1 {
+            let batch: Vec<_> = (n..n + 8).map(|i| event(i, 40 * 1024)).collect();
+            n += 8;
+            let before = file_len(&path);
+            spool.append(&batch).expect("append");
+            appends += 1;
+            let inner = spool.lock();
+            let first = inner.segments.front().expect("a segment");
+            assert!(first.len <= SEGMENT_SIZE_MAX, "{} bytes", first.len);
+            let after = file_len(&first.path);
+            assert!(after <= SEGMENT_SIZE_MAX, "{after} bytes");
+            if inner.segments.len() == 1 {
+                if after != before {
+                    grown += 1;
+                    let ahead = first
+                        .len
+                        .clamp(SEGMENT_FILL_AHEAD_MIN, SEGMENT_FILL_AHEAD_MAX);
+                    assert_eq!(after, (first.len + ahead).min(SEGMENT_SIZE_MAX));
+                }
+                assert!(after > first.len, "zero-filled ahead");
+            }
+        }
+        assert!(grown * 2 < appends, "grown at {grown} of {appends} appends");
+        let inner = spool.lock();
+        let records: u64 = inner.segments.iter().map(|s| s.len).sum();
+        assert_eq!(spool.size(), records, "the size counts records, not zeros");
+        let first = inner.segments.front().expect("a segment");
+        assert!(
+            first.len + 8 * 40 * 1024 > SEGMENT_SIZE_MAX,
+            "rotated early, at {} bytes",
+            first.len
+        );
+        drop(inner);
+
+        // Reopened: every event back, in order; the zero tails are cut off.
+        drop(spool);
+        let spool = Spool::open(dir.path(), SPOOL_SIZE_MAX_DEFAULT).expect("spool");
+        let mut count = 0;
+        loop {
+            let (batch, ticket) = spool.next_batch(100).expect("batch");
+            if batch.is_empty() {
+                break;
+            }
+            for event in &batch {
+                assert_eq!(event.time.unix_timestamp(), 1_800_000_000 + count as i64);
+                count += 1;
+            }
+            spool.ack(ticket).expect("ack");
+        }
+        assert_eq!(count, n);
+        assert_eq!(spool.size(), 0);
+    }
+
+    // An empty payload is refused: its record would read as a zeroed header, the end of
+    // a segment's records.
+    #[test]
+    fn an_empty_record_is_refused_and_a_zeroed_header_ends_the_records() {
+        assert!(matches!(
+            encode_record(b"", &mut Vec::new()),
+            Err(SpoolError::RecordEmpty)
+        ));
+        assert_eq!(decode_record(&[0; 64]), Decoded::End);
+        assert_eq!(decode_record(&[0; 7]), Decoded::Incomplete);
+        // A zero length with a checksum is not the end but a corrupt record.
+        assert_eq!(decode_record(&[0, 0, 0, 0, 1, 0, 0, 0]), Decoded::Corrupt);
     }
 }
