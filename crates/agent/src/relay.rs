@@ -184,21 +184,28 @@ where
     let (mut server_read, mut server_write) = tokio::io::split(server);
 
     let mut end = RelayEnd::Closed;
-    if !pending.server.is_empty()
+    let Pending {
+        client: pending_client,
+        server: pending_server,
+    } = pending;
+    if !pending_server.is_empty()
         && let Err(e) = shared
-            .forward(Side::Server, &pending.server, &mut client_write, &events)
+            .forward(Side::Server, &pending_server, &mut client_write, &events)
             .await
     {
         end = e;
     }
     if end == RelayEnd::Closed
-        && !pending.client.is_empty()
+        && !pending_client.is_empty()
         && let Err(e) = shared
-            .forward(Side::Client, &pending.client, &mut server_write, &events)
+            .forward(Side::Client, &pending_client, &mut server_write, &events)
             .await
     {
         end = e;
     }
+    // Forwarded: their buffers (start-up's read buffers, whatever their capacity) are not
+    // kept for the session's life.
+    drop((pending_client, pending_server));
     if end == RelayEnd::Closed {
         let halves = async {
             tokio::join!(
@@ -268,7 +275,7 @@ where
         relay.handle_close();
         events.drain(&mut relay)
     };
-    if let Err(closed) = events.deliver(flushed).await {
+    if let Err(closed) = Box::pin(events.deliver(flushed)).await {
         return closed;
     }
     end
@@ -319,8 +326,10 @@ impl Shared {
         };
         // Events first: a statement's bytes reach the database only once the events
         // before it are handed to the audit pipeline (and on disk, with a `Durable`).
+        // Boxed: the delivery's state (an event being sent) exists only while events
+        // are, instead of sizing both halves of every idle session.
         if !ready.is_empty() {
-            events.deliver(ready).await?;
+            Box::pin(events.deliver(ready)).await?;
         }
         if let Err(e) = result {
             return Err(match from {

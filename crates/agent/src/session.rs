@@ -458,16 +458,23 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
     /// Serves one channel from start to end: the session's events, from
     /// `db.session.start` to `db.session.end`, have all been handed to the audit sink
     /// when this returns. Refusals were sent to the client and audited.
+    ///
+    /// Every step but the relay is a boxed future, and the two TLS streams are boxed: a
+    /// task is as large as the largest state it can be in, and the handshakes' states
+    /// (TLS connections mid-handshake, the database's start-up) would otherwise size it
+    /// for the whole session, as would each place a TLS stream (over a kilobyte) passes
+    /// through by value.
     pub async fn serve(&self, channel: IncomingChannel) -> Result<SessionEnd, SessionError> {
         let timeout = self.config.handshake_timeout;
         let deadline = Instant::from_std(monotonic_now()) + timeout;
         let trust = self.trust();
-        let mut tls = match tokio::time::timeout_at(
-            deadline,
-            trust.acceptor.accept(channel.connection),
-        )
-        .await
-        {
+        let connection = channel.connection;
+        let accepting = Box::pin(async {
+            let accepting = trust.acceptor.accept(connection);
+            let accepted = tokio::time::timeout_at(deadline, accepting).await;
+            accepted.map(|tls| tls.map(Box::new))
+        });
+        let mut tls = match accepting.await {
             Err(_) => return Err(SessionError::HandshakeTimeout { timeout }),
             Ok(Err(e)) => {
                 return Err(SessionError::Handshake {
@@ -490,27 +497,41 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             db_name: None,
             db_user: None,
         };
-        let opened = self
-            .open(
+        let channel_database = &channel.database;
+        let opened = Box::pin(async {
+            let opened = self.open(
                 &mut tls,
                 &trust.validator,
-                &channel.database,
+                channel_database,
                 deadline,
                 &mut common,
-            )
-            .await;
-        let (startup_rest, upstream, controls) = match opened {
+            );
+            let (rest, upstream, controls) = opened.await?;
+            let crate::upstream::postgres::Upstream {
+                stream,
+                greeting,
+                pending,
+                // In the greeting, which the client gets; not needed here.
+                backend_key: _,
+            } = upstream;
+            Ok::<_, SessionError>((rest, Box::new(stream), greeting, pending, controls))
+        })
+        .await;
+        let (startup_rest, upstream, greeting, server_pending, controls) = match opened {
             Ok(opened) => opened,
-            Err(error) => return Err(self.refuse(&mut tls, &common, &rng, error).await),
+            Err(error) => return Err(Box::pin(self.refuse(&mut tls, &common, &rng, error)).await),
         };
         let start = common.event(codes::SESSION_START, &self.clock, &rng);
-        if self.audit.send(start).await.is_err() {
+        if Box::pin(self.audit.send(start)).await.is_err() {
             let error = SessionError::AuditUnavailable;
-            return Err(self.refuse(&mut tls, &common, &rng, error).await);
+            return Err(Box::pin(self.refuse(&mut tls, &common, &rng, error)).await);
         }
-        if let Err(e) = write_flush(&mut tls, &upstream.greeting).await {
+        let greeted = write_flush(&mut tls, &greeting).await;
+        // Sent: not kept for the session's life.
+        drop(greeting);
+        if let Err(e) = greeted {
             let end = RelayEnd::Io(e.to_string());
-            self.send_end(&common, &rng, &end).await;
+            Box::pin(self.send_end(&common, &rng, &end)).await;
             return Ok(SessionEnd {
                 session_id: common.session_id,
                 relay: end,
@@ -519,13 +540,12 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
 
         let pending = Pending {
             client: startup_rest,
-            server: upstream.pending,
+            server: server_pending,
         };
         let relay = Relay::new(self.config.limits.clone());
         let events = self.statement_events(&common, &rng);
-        let end =
-            relay::run_with_controls(tls, upstream.stream, relay, pending, events, controls).await;
-        self.send_end(&common, &rng, &end).await;
+        let end = relay::run_with_controls(tls, upstream, relay, pending, events, controls).await;
+        Box::pin(self.send_end(&common, &rng, &end)).await;
         Ok(SessionEnd {
             session_id: common.session_id,
             relay: end,
