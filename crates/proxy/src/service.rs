@@ -639,15 +639,23 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
         let peer = conn.peer_addr();
         self.metrics.handshakes.inc();
         let door = self.doors().postgres.clone();
-        let accepted = door.accept(conn).await;
+        // Boxed: the handshake's state (a TLS server connection mid-handshake, the
+        // start-up machine) is freed when it ends instead of sizing this task, which
+        // lives as long as the session.
+        let accepted = Box::pin(door.accept(conn)).await;
         self.serve_accepted(accepted, peer).await;
     }
 
     /// One connection on the web port: route by the ClientHello's ALPN.
     async fn serve_web(self: Arc<Self>, mut conn: Connection) {
         let peer = conn.peer_addr();
-        let sniffed =
-            tokio::time::timeout(self.handshake_timeout, sniff_client_hello(&mut conn)).await;
+        // Boxed, as the handshakes below: a rustls acceptor's state is not kept for the
+        // session's life.
+        let sniffed = Box::pin(tokio::time::timeout(
+            self.handshake_timeout,
+            sniff_client_hello(&mut conn),
+        ))
+        .await;
         let (route, hello) = match sniffed {
             Ok(Ok(sniffed)) => sniffed,
             Ok(Err(error)) => {
@@ -663,7 +671,7 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
             WebRoute::Postgres => {
                 self.metrics.handshakes.inc();
                 let door = self.doors().web.clone();
-                let accepted = door.accept_routed(hello, conn).await;
+                let accepted = Box::pin(door.accept_routed(hello, conn)).await;
                 self.serve_accepted(accepted, peer).await;
             }
             WebRoute::Passthrough => self.pass_through(hello, conn, peer).await,
@@ -704,7 +712,8 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
     ) {
         match accepted {
             Ok(Accepted::Session(session)) => self.serve_session(session, peer).await,
-            Ok(Accepted::Cancel(request)) => self.forward_cancel(request, peer).await,
+            // Boxed: a cancel's state (a channel being opened) is not a session's.
+            Ok(Accepted::Cancel(request)) => Box::pin(self.forward_cancel(request, peer)).await,
             Err(error) => {
                 self.metrics.failure(error.reason());
                 tracing::info!(?peer, reason = error.reason(), %error, "client start-up failed");
@@ -743,7 +752,13 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
             tracing::info!(?peer, %user, limit, "client refused: connections_per_user_max reached");
             return;
         };
-        let connected = match self.dispatcher.connect(session).await {
+        // Boxed, and so is what it returns: a task is as large as the largest state it
+        // can be in, and connecting (a TLS client connection mid-handshake, the channel
+        // open, the greeting) would otherwise size this one for the session's life. The
+        // two TLS streams (over a kilobyte each) stay in their box: moved into this
+        // task's own state they would take room there once for every place they pass.
+        let connected = Box::pin(async { self.dispatcher.connect(session).await.map(Box::new) });
+        let mut connected = match connected.await {
             Ok(connected) => connected,
             Err(error) => {
                 self.metrics.failure(error.reason());
@@ -751,30 +766,30 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
                 return;
             }
         };
-        let Connected {
-            client,
-            mut agent,
-            tunnel,
-            agent_id,
-            database,
-            backend_key,
-            frames,
-        } = connected;
-        let _cancel = backend_key.and_then(|key| {
+        let _cancel = connected.backend_key.take().and_then(|key| {
             let route = CancelRoute {
-                tunnel,
-                agent: agent_id.clone(),
-                database: database.clone(),
+                tunnel: connected.tunnel,
+                agent: connected.agent_id.clone(),
+                database: connected.database.clone(),
             };
             match self.cancels.register(&key, route) {
                 Ok(registration) => Some(registration),
                 Err(full) => {
+                    let database = &connected.database;
                     tracing::warn!(%user, %database, %full, "session not cancellable");
                     None
                 }
             }
         });
         let _active = ActiveSession::start(&self.metrics.active_sessions);
+        let Connected {
+            client,
+            agent,
+            agent_id,
+            database,
+            frames,
+            ..
+        } = &mut *connected;
         tracing::info!(?peer, %user, %database, agent = %agent_id, "session started");
         let mut client = Counted {
             inner: client,
@@ -783,7 +798,7 @@ impl<S: DbAccessSigner + 'static> Shared<S> {
             read_total: 0,
             written_total: 0,
         };
-        let outcome = relay(&mut client, &mut agent, frames, self.closing.subscribe()).await;
+        let outcome = relay(&mut client, agent, *frames, self.closing.subscribe()).await;
         let (ended, error) = match outcome {
             Ok(ended) => (Some(ended), None),
             Err(error) => (None, Some(error.to_string())),
