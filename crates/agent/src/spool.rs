@@ -76,7 +76,14 @@ pub const SEGMENT_SIZE_MAX: u64 = 4 * 1024 * 1024;
 /// zeros written with it are few in a new segment (which, under a trickle of statements,
 /// may hold a single event before it is acknowledged and deleted) and never enough to
 /// stall the statements waiting on that append.
+#[cfg(not(postern_loom))]
 pub const SEGMENT_FILL_AHEAD_MIN: u64 = 64 * 1024;
+/// Under the loom model every explored execution writes and syncs its own segment:
+/// a small fill keeps thousands of executions from being thousands of 64 KiB syncs,
+/// and still exercises filling ahead.
+#[cfg(postern_loom)]
+pub const SEGMENT_FILL_AHEAD_MIN: u64 = 4 * 1024;
+/// The most a segment is zero-filled ahead at once (see [`SEGMENT_FILL_AHEAD_MIN`]).
 pub const SEGMENT_FILL_AHEAD_MAX: u64 = 1024 * 1024;
 /// Most events in one batch sent to the auth service.
 pub const SHIP_BATCH_EVENTS_MAX: usize = 500;
