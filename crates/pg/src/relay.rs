@@ -16,14 +16,19 @@
 //!
 //! Events come out when the server's answer is known, in request order, with the
 //! [`Outcome`](crate::Outcome). [`Relay::handle_close`] flushes the requests still
-//! waiting, as `Unknown`, so that no request goes unaudited.
+//! waiting, as `Unknown` (with the SQL their statements and portals name), so that no
+//! request goes unaudited.
 //!
-//! The hot path allocates nothing once warm: an audited request copies the few bytes its
-//! event needs (names, SQL of a simple query, parameters as sent, then the command tag)
-//! into a buffer taken from a small pool, and [`Relay::poll_event_view`] lends that
-//! buffer out as an [`EventView`]; text is neither validated nor converted here (the
-//! consumer renders it). Only a Parse the server confirmed allocates: the statement's
-//! SQL, shared by every later Bind, Execute and Close event that names it.
+//! The hot path allocates nothing once warm. An audited request is a small fixed-size
+//! entry in one queue; the few bytes its event shows (names, the SQL of a simple query
+//! or Parse, a Bind's parameters as sent, later the command tag or error) are appended
+//! to the relay's log, one byte vector for every request waiting and every event not yet
+//! taken, which is emptied whenever none is left. [`Relay::poll_event_view`] lends an
+//! entry out as an [`EventView`] of the log; text is neither validated nor converted
+//! here (the consumer renders it). Only what outlives a statement is kept apart, in
+//! reference-counted byte strings: a prepared statement's SQL (shared by every later
+//! Bind, Execute and Close event naming it) and a portal's parameters (shared by its
+//! Execute events).
 //!
 //! ```
 //! use postern_pg::backend::TransactionStatus;
@@ -61,14 +66,21 @@ use crate::limits::Limits;
 /// large query does not pin its memory for the rest of the session.
 const BUFFER_RETAIN_MAX: usize = 64 << 10;
 
-/// Event buffers kept for reuse, and the largest capacity kept: enough for a pipelined
-/// batch of ordinary statements, small enough not to matter (at most 256 KiB).
-const SPARE_BUFFERS_MAX: usize = 64;
-const SPARE_BUFFER_CAPACITY_MAX: usize = 4 << 10;
+/// Shared byte strings (statements' SQL, portals' parameters) freed by their last holder
+/// keep their buffer for the next one when it is at most this big, and at most this many
+/// are kept: the unnamed portal's parameters are replaced with every statement.
+const SPARE_BLOB_CAPACITY_MAX: usize = 512;
+const SPARE_BLOBS_MAX: usize = 8;
 
-/// A new record's buffer: room for the names, parameters and command tag of most
-/// requests.
-const RECORD_BUFFER_CAPACITY: usize = 128;
+/// The event log is compacted (its dead front cut off) once it is this long: only a
+/// client whose pipeline never drains gets there, since the log is emptied whenever no
+/// request waits and no event is left.
+const LOG_COMPACT_MIN: usize = 64 << 10;
+
+/// The event log's first capacity (enough for most statements' events), and the most
+/// it keeps once emptied: one large statement does not pin its memory for the session.
+const LOG_CAPACITY: usize = 256;
+const LOG_RETAIN_MAX: usize = 4 << 10;
 
 /// The length word that starts an untagged start-up packet.
 const STARTUP_LENGTH_LEN: usize = 4;
@@ -79,21 +91,27 @@ pub struct Relay {
     limits: Limits,
     client: Stream,
     server: Stream,
-    /// Requests sent, oldest first, waiting for the server's answer: what each waits for
-    /// and, when audited, its record in `records`.
-    pending: VecDeque<Pending>,
-    /// Every record, in use or free.
-    records: Records,
+    /// The answers the server owes, oldest first: one step per request that gets one.
+    steps: VecDeque<Step>,
+    /// Audited requests in request order. The first `answered` have their answer: they
+    /// are the events `poll_event_view` hands out. The others are the audited steps of
+    /// `steps`, in the same order.
+    entries: VecDeque<Entry>,
+    answered: usize,
+    /// `entries[0]` was lent out by `poll_event_view`; it is dropped on the next call.
+    lent: bool,
+    /// Every byte the entries show (names, the SQL of simple queries and Parses, Binds'
+    /// parameters, the answers' text), appended as it arrives. Emptied whenever no entry
+    /// is left, compacted when it reaches `compact_at`.
+    log: Vec<u8>,
+    compact_at: usize,
+    /// Bytes of `log` held by requests waiting for an answer.
     pending_bytes: usize,
     /// The server reported an error in an extended-protocol batch and discards every
     /// message until the client's next Sync.
     discarding_until_sync: bool,
     /// Prepared statements and portals the server confirmed.
     tracked: Tracked,
-    /// Events ready for `poll_event_view`.
-    ready: VecDeque<RecordId>,
-    /// The event last lent out by `poll_event_view`; it is freed on the next call.
-    lent: Option<RecordId>,
     /// Terminate or CancelRequest seen: the client may send nothing more.
     client_ended: bool,
     closed: bool,
@@ -193,106 +211,106 @@ impl<T> Named<T> {
             .chain(self.scanned.iter().map(|(_, _, value)| value))
             .chain(self.named.values())
     }
-
-    /// Forgets every entry; memory held for named ones is given back.
-    fn clear(&mut self) {
-        if !self.scanned.is_empty() {
-            self.scanned = Vec::new();
-        }
-        if !self.named.is_empty() {
-            self.named = HashMap::new();
-        }
-        self.unnamed = None;
-    }
 }
 
-#[derive(Debug)]
+/// A portal the server confirmed: what each Execute of it shows.
+#[derive(Debug, Clone, Copy)]
 struct Portal {
-    /// Shared with the statement table: one copy of the SQL however many portals.
-    query: Option<SqlId>,
-    /// The record of the Bind that created the portal, one holder of it: its buffer has
-    /// the parameter format codes and values as sent, shown by each Execute event.
-    bind: RecordId,
-    /// Bytes of those format codes and values.
-    parameters_len: usize,
+    /// Its statement's SQL (one share of it), when the statement was known.
+    query: Option<BlobId>,
+    /// Its Bind's parameters, when it had any.
+    parameters: Option<SharedParameters>,
 }
 
 impl Portal {
-    fn held_bytes(&self, sql: &SqlStore) -> usize {
-        self.query.map_or(0, |q| sql.get(q).len()) + self.parameters_len
+    fn held_bytes(&self, blobs: &Blobs) -> usize {
+        self.query.map_or(0, |q| blobs.get(q).len())
+            + self.parameters.map_or(0, |p| blobs.get(p.blob).len())
     }
 }
 
-/// Index of a prepared statement's SQL in a [`SqlStore`].
-type SqlId = u32;
+/// A Bind's parameter format codes and values as sent, in one blob (formats first),
+/// shared by its portal and that portal's Execute events.
+#[derive(Debug, Clone, Copy)]
+struct SharedParameters {
+    blob: BlobId,
+    formats_len: u32,
+    count: u16,
+}
 
-/// The SQL of prepared statements, shared by the statement table, portals and records.
-/// Every holder is inside the relay, so a plain count does what `Arc` did without its
-/// atomic operations (which were a fifth of the relay's time on prepared statements).
-/// Each holder acquires the SQL once and releases it once; the bytes are freed with the
-/// last holder.
+/// Index of a byte string in [`Blobs`].
+type BlobId = u32;
+
+/// Byte strings that outlive the request that brought them: prepared statements' SQL
+/// (held by the statement table, portals and events) and portals' parameters (held by
+/// the portal and its Execute events). Every holder is inside the relay, so a plain
+/// count does what `Arc` did without its atomic operations (which were a fifth of the
+/// relay's time on prepared statements). Each holder acquires once and releases once;
+/// the last frees the string, keeping small buffers for the next.
 #[derive(Debug, Default)]
-struct SqlStore {
-    entries: Vec<SqlEntry>,
-    free: Vec<SqlId>,
+struct Blobs {
+    entries: Vec<Blob>,
+    free: Vec<BlobId>,
 }
 
 #[derive(Debug, Default)]
-struct SqlEntry {
+struct Blob {
     bytes: Vec<u8>,
     holders: u32,
 }
 
-impl SqlStore {
-    /// Stores `bytes` with one holder.
-    fn insert(&mut self, bytes: &[u8]) -> SqlId {
-        let entry = SqlEntry {
-            bytes: bytes.to_vec(),
-            holders: 1,
-        };
-        match self.free.pop() {
-            Some(id) => {
-                self.entries[id as usize] = entry;
-                id
-            }
+impl Blobs {
+    /// Stores the concatenation of `parts` with one holder.
+    fn insert(&mut self, parts: [&[u8]; 2]) -> BlobId {
+        let id = match self.free.pop() {
+            Some(id) => id,
             None => {
-                // At most one entry per tracked statement, portal and waiting record.
-                let id = self.entries.len() as SqlId;
-                self.entries.push(entry);
-                id
+                // At most one entry per tracked statement and portal and per event.
+                self.entries.push(Blob::default());
+                (self.entries.len() - 1) as BlobId
             }
+        };
+        let blob = &mut self.entries[id as usize];
+        blob.bytes.clear();
+        for part in parts {
+            extend_short(&mut blob.bytes, part);
         }
+        blob.holders = 1;
+        id
     }
 
     /// One more holder of `id`.
-    fn acquire(&mut self, id: SqlId) -> SqlId {
+    fn acquire(&mut self, id: BlobId) -> BlobId {
         self.entries[id as usize].holders += 1;
         id
     }
 
-    /// One holder fewer; the last frees the bytes.
-    fn release(&mut self, id: SqlId) {
-        let entry = &mut self.entries[id as usize];
-        entry.holders -= 1;
-        if entry.holders == 0 {
-            entry.bytes = Vec::new();
+    /// One holder fewer; the last frees the string.
+    fn release(&mut self, id: BlobId) {
+        let spare = self.free.len() < SPARE_BLOBS_MAX;
+        let blob = &mut self.entries[id as usize];
+        blob.holders -= 1;
+        if blob.holders == 0 {
+            if spare && blob.bytes.capacity() <= SPARE_BLOB_CAPACITY_MAX {
+                blob.bytes.clear();
+            } else {
+                blob.bytes = Vec::new();
+            }
             self.free.push(id);
         }
     }
 
-    fn get(&self, id: SqlId) -> &[u8] {
+    fn get(&self, id: BlobId) -> &[u8] {
         &self.entries[id as usize].bytes
     }
-}
 
-/// Index of a [`Record`] in `Relay::records`.
-type RecordId = u32;
-
-/// A request waiting for the server's answer.
-#[derive(Debug, Clone, Copy)]
-struct Pending {
-    step: Step,
-    record: Option<RecordId>,
+    /// Capacity of the buffers kept for reuse.
+    fn spare_bytes(&self) -> usize {
+        self.free
+            .iter()
+            .map(|&id| self.entries[id as usize].bytes.capacity())
+            .sum()
+    }
 }
 
 /// What a request is waiting for.
@@ -314,6 +332,13 @@ enum Step {
     Describe,
     /// ReadyForQuery.
     Sync,
+}
+
+impl Step {
+    /// The request has an event (and so an entry).
+    fn audited(self) -> bool {
+        !matches!(self, Step::Describe | Step::Sync)
+    }
 }
 
 /// Appends `bytes` to `buf`. Most copies into a record are a few bytes (names, command
@@ -348,23 +373,76 @@ fn extend_short(buf: &mut Vec<u8>, bytes: &[u8]) {
     buf.truncate(start + len);
 }
 
-/// Where a field of a [`Record`] is in its buffer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Span {
-    start: usize,
-    end: usize,
+/// `true` if `bytes` holds a NUL. Names and command tags are a few bytes, SQL text is
+/// longer: the `memchr` crate's vector search pays off only on the latter.
+#[inline]
+fn has_nul(bytes: &[u8]) -> bool {
+    if bytes.len() <= 16 {
+        // `contains` would call `memchr`, whose set-up costs more than this loop.
+        #[allow(clippy::manual_contains)]
+        bytes.iter().any(|&b| b == 0)
+    } else {
+        memchr::memchr(0, bytes).is_some()
+    }
 }
 
-/// SQL of an event: copied with the request (Query, Parse) or shared with the statement
-/// table (Bind, Execute, Close).
-#[derive(Debug)]
+/// Where a field of an [`Entry`] is in the relay's log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    fn shifted(self, by: u32) -> Span {
+        Span {
+            start: self.start - by,
+            end: self.end - by,
+        }
+    }
+}
+
+/// Appends `bytes` to the log and says where they are.
+#[inline]
+fn push(log: &mut Vec<u8>, bytes: &[u8]) -> Span {
+    let start = log.len() as u32;
+    extend_short(log, bytes);
+    Span {
+        start,
+        end: log.len() as u32,
+    }
+}
+
+/// The bytes of `span`. Spans are only made by `push` on the log they are read from,
+/// which is only cut back past spans no longer in use.
+#[inline]
+fn get(log: &[u8], span: Span) -> &[u8] {
+    log.get(span.start as usize..span.end as usize)
+        .unwrap_or_default()
+}
+
+/// SQL of an event: in the log (Query, Parse) or shared with the statement table (Bind,
+/// Execute, Close).
+#[derive(Debug, Clone, Copy)]
 enum Sql {
     None,
     Copied(Span),
-    Shared(SqlId),
+    Shared(BlobId),
 }
 
-/// [`OutcomeView`] with its text in the record's buffer.
+/// Parameters of an event: in the log (Bind, FunctionCall) or its portal's (Execute).
+#[derive(Debug, Clone, Copy)]
+enum Params {
+    None,
+    Copied {
+        formats: Span,
+        values: Span,
+        count: u16,
+    },
+    Shared(SharedParameters),
+}
+
+/// [`OutcomeView`] with its text in the log.
 #[derive(Debug, Clone, Copy)]
 enum Answer {
     Succeeded(Option<Span>),
@@ -374,96 +452,58 @@ enum Answer {
     Unknown,
 }
 
-/// One audited request and, once known, its answer: every byte the event shows in one
-/// buffer, reused from event to event (but for an Execute's parameters, which stay in
-/// the buffer of the Bind's record).
-#[derive(Debug)]
-struct Record {
+impl Answer {
+    /// Where its text ends in the log, if it has text.
+    fn text_end(self) -> Option<u32> {
+        match self {
+            Answer::Succeeded(Some(tag)) => Some(tag.end),
+            Answer::Failed { message, .. } => Some(message.end),
+            _ => None,
+        }
+    }
+}
+
+/// One audited request and, once known, its answer: a fixed-size entry whose text is in
+/// the relay's log (or, for SQL and parameters kept beyond one statement, in `Blobs`).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
     kind: EventKind,
-    buf: Vec<u8>,
-    /// The request or event, and for a Bind also its portal and each Execute event of
-    /// that portal: the record is freed with the last.
-    holders: u32,
     query: Sql,
     statement: Option<Span>,
     portal: Option<Span>,
     function: Option<u32>,
-    /// The Bind record whose buffer `formats` and `values` are in (one holder of it);
-    /// `None`: this record's own.
-    parameters_of: Option<RecordId>,
-    /// Parameter format codes and values, as sent (checked when decoded).
-    formats: Span,
-    values: Span,
-    value_count: u16,
+    parameters: Params,
     answer: Answer,
-    /// Where the answer's text starts in `buf`, once one was written: a later answer
-    /// (the next statement of a multi-statement Query) replaces it rather than adding.
-    answer_at: Option<usize>,
+    /// Where its answer's text starts in the log, once it has some: a later answer (the
+    /// next statement of a multi-statement Query) replaces it.
+    answer_at: Option<u32>,
+    /// Where its first byte in the log is; all its others come after.
+    start: u32,
+    /// Bytes of the log it added, counted in `Relay::pending_bytes` while it waits.
+    held: u32,
 }
 
-impl Record {
-    fn new(kind: EventKind) -> Self {
-        Record {
+impl Entry {
+    fn new(kind: EventKind, start: usize) -> Self {
+        Entry {
             kind,
-            buf: Vec::new(),
-            holders: 1,
             query: Sql::None,
             statement: None,
             portal: None,
             function: None,
-            parameters_of: None,
-            formats: Span::default(),
-            values: Span::default(),
-            value_count: 0,
+            parameters: Params::None,
             answer: Answer::Unknown,
             answer_at: None,
+            start: start as u32,
+            held: 0,
         }
-    }
-
-    /// Makes a free record a new one of `kind`, keeping its buffer.
-    fn reset(&mut self, kind: EventKind) {
-        self.buf.clear();
-        self.kind = kind;
-        self.holders = 1;
-        self.query = Sql::None;
-        self.statement = None;
-        self.portal = None;
-        self.function = None;
-        self.parameters_of = None;
-        self.formats = Span::default();
-        self.values = Span::default();
-        self.value_count = 0;
-        self.answer = Answer::Unknown;
-        self.answer_at = None;
-    }
-
-    fn push(&mut self, bytes: &[u8]) -> Span {
-        let start = self.buf.len();
-        extend_short(&mut self.buf, bytes);
-        Span {
-            start,
-            end: self.buf.len(),
-        }
-    }
-
-    fn get(&self, span: Span) -> &[u8] {
-        // Spans are only ever made by `push` on the buffer they are read from (an
-        // Execute's parameters: the Bind's), which is only cut back to `answer_at`,
-        // after every span but the answer's.
-        self.buf.get(span.start..span.end).unwrap_or_default()
-    }
-
-    fn set_parameters(&mut self, formats: FormatsView<'_>, values: ValuesView<'_>) {
-        self.formats = self.push(formats.bytes());
-        self.values = self.push(values.bytes());
-        self.value_count = values.count();
     }
 
     /// Fills in a Bind from `body`, the message `bind` was decoded from, in one copy:
     /// its portal, statement, format codes and values are one run at the start of the
     /// body (`portal\0 statement\0 count formats count values`, then the result formats,
     /// which the event does not show).
-    fn set_bind(&mut self, body: &[u8], bind: &BindView<'_>) {
+    fn set_bind(&mut self, log: &mut Vec<u8>, body: &[u8], bind: &BindView<'_>) {
         let portal_end = bind.portal.len();
         let statement_start = portal_end + 1;
         let statement_end = statement_start + bind.statement.len();
@@ -485,163 +525,143 @@ impl Record {
             Some(bind.parameters.bytes())
         );
         // The decoder read that far, so the body has those bytes.
-        let all = self.push(body.get(..values_end).unwrap_or_default());
+        let all = push(log, body.get(..values_end).unwrap_or_default());
         let span = |start: usize, end: usize| Span {
-            start: all.start + start,
-            end: all.start + end,
+            start: all.start + start as u32,
+            end: all.start + end as u32,
         };
         self.portal = Some(span(0, portal_end));
         self.statement = Some(span(statement_start, statement_end));
-        self.formats = span(formats_start, formats_end);
-        self.values = span(values_start, values_end);
-        self.value_count = bind.parameters.count();
+        self.parameters = Params::Copied {
+            formats: span(formats_start, formats_end),
+            values: span(values_start, values_end),
+            count: bind.parameters.count(),
+        };
     }
 
-    /// Records the server's answer, copying its text.
-    fn answer(&mut self, outcome: OutcomeView<'_>) {
-        match self.answer_at {
-            Some(at) => self.buf.truncate(at),
-            None => self.answer_at = Some(self.buf.len()),
+    /// Records the server's answer, copying its text into the log; returns the bytes
+    /// the log grew (or shrank) by. An earlier answer's text is cut back when nothing
+    /// came after it.
+    #[inline]
+    fn set_answer(&mut self, log: &mut Vec<u8>, outcome: OutcomeView<'_>) -> isize {
+        let before = log.len();
+        if self.answer_at.is_some() {
+            self.cut_answer(log);
         }
+        self.answer_at = Some(log.len() as u32);
         self.answer = match outcome {
-            OutcomeView::Succeeded { tag } => Answer::Succeeded(tag.map(|t| self.push(t))),
+            OutcomeView::Succeeded { tag } => Answer::Succeeded(tag.map(|t| push(log, t))),
             OutcomeView::Suspended => Answer::Suspended,
             OutcomeView::Failed { code, message } => Answer::Failed {
-                code: self.push(code),
-                message: self.push(message),
+                code: push(log, code),
+                message: push(log, message),
             },
             OutcomeView::Skipped => Answer::Skipped,
             // Nothing else is made by the relay; an unknown answer is no answer.
             _ => Answer::Unknown,
         };
+        log.len() as isize - before as isize
     }
 
-    /// Bytes this record holds, for the relay's memory limits.
-    fn held_bytes(&self) -> usize {
-        self.buf.len()
+    /// Cuts the text of the answer being replaced off the log, if nothing came after it.
+    #[cold]
+    fn cut_answer(&self, log: &mut Vec<u8>) {
+        if let Some(at) = self.answer_at
+            && self.answer.text_end() == Some(log.len() as u32)
+        {
+            log.truncate(at as usize);
+        }
     }
 
-    /// The event; `parameters` is the record whose buffer the parameters are in (see
-    /// `parameters_of`).
-    fn view<'a>(&'a self, parameters: &'a Record, sql: &'a SqlStore) -> EventView<'a> {
+    /// Its spans once the first `by` bytes of the log are cut off (all of them are
+    /// after `start`, which is at least `by`).
+    fn shift(&mut self, by: u32) {
+        let shift = |span: &mut Span| *span = span.shifted(by);
+        if let Sql::Copied(span) = &mut self.query {
+            shift(span);
+        }
+        if let Some(span) = &mut self.statement {
+            shift(span);
+        }
+        if let Some(span) = &mut self.portal {
+            shift(span);
+        }
+        if let Params::Copied {
+            formats, values, ..
+        } = &mut self.parameters
+        {
+            shift(formats);
+            shift(values);
+        }
+        match &mut self.answer {
+            Answer::Succeeded(Some(tag)) => shift(tag),
+            Answer::Failed { code, message } => {
+                shift(code);
+                shift(message);
+            }
+            _ => {}
+        }
+        if let Some(at) = &mut self.answer_at {
+            *at -= by;
+        }
+        self.start -= by;
+    }
+
+    /// Gives back its shares of statements' SQL and portals' parameters.
+    fn release(&self, blobs: &mut Blobs) {
+        if let Sql::Shared(query) = self.query {
+            blobs.release(query);
+        }
+        if let Params::Shared(parameters) = self.parameters {
+            blobs.release(parameters.blob);
+        }
+    }
+
+    #[inline]
+    fn view<'a>(&self, log: &'a [u8], blobs: &'a Blobs) -> EventView<'a> {
         EventView {
             kind: self.kind,
-            query: match &self.query {
+            query: match self.query {
                 Sql::None => None,
-                Sql::Copied(span) => Some(self.get(*span)),
-                Sql::Shared(id) => Some(sql.get(*id)),
+                Sql::Copied(span) => Some(get(log, span)),
+                Sql::Shared(id) => Some(blobs.get(id)),
             },
-            statement: self.statement.map(|s| self.get(s)),
-            portal: self.portal.map(|s| self.get(s)),
+            statement: self.statement.map(|s| get(log, s)),
+            portal: self.portal.map(|s| get(log, s)),
             function: self.function,
-            parameters: ParametersView::new(
-                FormatsView::checked(parameters.get(self.formats)),
-                ValuesView::checked(self.value_count, parameters.get(self.values)),
-            ),
+            parameters: match self.parameters {
+                Params::None => ParametersView::empty(),
+                Params::Copied {
+                    formats,
+                    values,
+                    count,
+                } => ParametersView::new(
+                    FormatsView::checked(get(log, formats)),
+                    ValuesView::checked(count, get(log, values)),
+                ),
+                Params::Shared(shared) => {
+                    let bytes = blobs.get(shared.blob);
+                    let (formats, values) =
+                        bytes.split_at((shared.formats_len as usize).min(bytes.len()));
+                    ParametersView::new(
+                        FormatsView::checked(formats),
+                        ValuesView::checked(shared.count, values),
+                    )
+                }
+            },
             outcome: match self.answer {
                 Answer::Succeeded(tag) => OutcomeView::Succeeded {
-                    tag: tag.map(|t| self.get(t)),
+                    tag: tag.map(|t| get(log, t)),
                 },
                 Answer::Suspended => OutcomeView::Suspended,
                 Answer::Failed { code, message } => OutcomeView::Failed {
-                    code: self.get(code),
-                    message: self.get(message),
+                    code: get(log, code),
+                    message: get(log, message),
                 },
                 Answer::Skipped => OutcomeView::Skipped,
                 Answer::Unknown => OutcomeView::Unknown,
             },
         }
-    }
-}
-
-/// Every record, in use or free: requests and events move through the queues as indices,
-/// so a record is written in place once and never moved. A Bind's record is also held by
-/// the portal it created and by each Execute event of that portal, which show the
-/// parameters from its buffer instead of copying them.
-#[derive(Debug, Default)]
-struct Records {
-    slots: Vec<Record>,
-    /// Indices of free records, whose buffers are reused.
-    free: Vec<RecordId>,
-}
-
-impl std::ops::Index<RecordId> for Records {
-    type Output = Record;
-
-    fn index(&self, id: RecordId) -> &Record {
-        &self.slots[id as usize]
-    }
-}
-
-impl std::ops::IndexMut<RecordId> for Records {
-    fn index_mut(&mut self, id: RecordId) -> &mut Record {
-        &mut self.slots[id as usize]
-    }
-}
-
-impl Records {
-    /// A record of `kind` with one holder, reusing a free one when there is one.
-    fn new_record(&mut self, kind: EventKind) -> RecordId {
-        match self.free.pop() {
-            Some(id) => {
-                self[id].reset(kind);
-                id
-            }
-            None => {
-                // At most `pending_requests_max` records wait, plus the events of one
-                // read and the Binds of tracked portals: far fewer than `u32::MAX`.
-                let id = self.slots.len() as RecordId;
-                let mut record = Record::new(kind);
-                // Enough for the names, parameters and answer of most requests, so the
-                // buffer is not grown step by step.
-                record.buf.reserve(RECORD_BUFFER_CAPACITY);
-                self.slots.push(record);
-                id
-            }
-        }
-    }
-
-    /// One more holder of `id`.
-    fn acquire(&mut self, id: RecordId) -> RecordId {
-        self[id].holders += 1;
-        id
-    }
-
-    /// One holder fewer; the last frees the record. Its buffer is kept for reuse if
-    /// small, and only so many are kept.
-    fn release(&mut self, id: RecordId, sql: &mut SqlStore) {
-        let mut next = Some(id);
-        while let Some(id) = next {
-            let spare = self.free.len() < SPARE_BUFFERS_MAX;
-            let record = &mut self[id];
-            record.holders -= 1;
-            if record.holders > 0 {
-                return;
-            }
-            if record.buf.capacity() > SPARE_BUFFER_CAPACITY_MAX || !spare {
-                record.buf = Vec::new();
-            }
-            // Lets go of a shared statement's SQL now rather than when the record is
-            // reused.
-            if let Sql::Shared(query) = record.query {
-                sql.release(query);
-            }
-            record.query = Sql::None;
-            // An Execute's hold on its Bind (a Bind holds no other record).
-            next = record.parameters_of.take();
-            self.free.push(id);
-        }
-    }
-
-    fn view<'a>(&'a self, id: RecordId, sql: &'a SqlStore) -> EventView<'a> {
-        let record = &self[id];
-        let parameters = record.parameters_of.map_or(record, |bind| &self[bind]);
-        record.view(parameters, sql)
-    }
-
-    /// Capacity of the buffers kept for reuse.
-    fn spare_bytes(&self) -> usize {
-        self.free.iter().map(|&id| self[id].buf.capacity()).sum()
     }
 }
 
@@ -653,13 +673,15 @@ impl Relay {
             client: Stream::new(Direction::Frontend, false),
             server: Stream::new(Direction::Backend, false),
             limits,
-            pending: VecDeque::new(),
-            records: Records::default(),
+            steps: VecDeque::new(),
+            entries: VecDeque::new(),
+            answered: 0,
+            lent: false,
+            log: Vec::with_capacity(LOG_CAPACITY),
+            compact_at: LOG_COMPACT_MIN,
             pending_bytes: 0,
             discarding_until_sync: false,
             tracked: Tracked::default(),
-            ready: VecDeque::new(),
-            lent: None,
             client_ended: false,
             closed: false,
             failed: None,
@@ -678,28 +700,60 @@ impl Relay {
     /// Observes bytes going from client to server. Malformed bytes produce a
     /// `db.session.malformed_packet` event and an error.
     pub fn handle_client_bytes(&mut self, input: &[u8]) -> Result<(), Error> {
-        self.check_usable(Direction::Frontend)?;
-        let result = self.read_client(input);
-        if let Err(error) = &result {
-            let id = self.records.new_record(EventKind::MalformedPacket);
-            self.records[id].answer(OutcomeView::Failed {
-                code: error.sql_state().as_str().as_bytes(),
-                message: error.to_string().as_bytes(),
-            });
-            self.ready.push_back(id);
-            self.failed = Some(error.clone());
+        if self.failed.is_some() || self.closed {
+            return Err(self.unusable(Direction::Frontend));
         }
-        result
+        match self.read_client(input) {
+            Ok(()) => Ok(()),
+            Err(error) => Err(self.client_failed(error)),
+        }
     }
 
     /// Observes bytes going from server to client.
     pub fn handle_server_bytes(&mut self, input: &[u8]) -> Result<(), Error> {
-        self.check_usable(Direction::Backend)?;
-        let result = self.read_server(input);
-        if let Err(error) = &result {
-            self.failed = Some(error.clone());
+        if self.failed.is_some() || self.closed {
+            return Err(self.unusable(Direction::Backend));
         }
-        result
+        match self.read_server(input) {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                self.failed = Some(error.clone());
+                Err(error)
+            }
+        }
+    }
+
+    /// The client's bytes were malformed: the `db.session.malformed_packet` event, and
+    /// the relay fails.
+    #[cold]
+    #[inline(never)]
+    fn client_failed(&mut self, error: Error) -> Error {
+        let mut entry = Entry::new(EventKind::MalformedPacket, self.log.len());
+        entry.set_answer(
+            &mut self.log,
+            OutcomeView::Failed {
+                code: error.sql_state().as_str().as_bytes(),
+                message: error.to_string().as_bytes(),
+            },
+        );
+        // It comes out before the requests still waiting (`handle_close` flushes those).
+        self.entries.insert(self.answered, entry);
+        self.answered += 1;
+        self.failed = Some(error.clone());
+        error
+    }
+
+    /// Why input is refused once the relay failed or the connection closed.
+    #[cold]
+    #[inline(never)]
+    fn unusable(&self, direction: Direction) -> Error {
+        match &self.failed {
+            Some(error) => error.clone(),
+            None => Error::PeerMisbehaved {
+                direction,
+                kind: PeerMisbehaved::InputAfterEnd("connection (already closed)"),
+            },
+        }
     }
 
     fn read_client(&mut self, mut input: &[u8]) -> Result<(), Error> {
@@ -720,7 +774,7 @@ impl Relay {
                     };
                     input = tail;
                     if keep {
-                        self.on_client_message(Some(tag), body)?;
+                        self.on_client_tagged(tag, body)?;
                     }
                     if self.client_ended {
                         break;
@@ -735,7 +789,10 @@ impl Relay {
                 break;
             };
             if let Item::Message { tag, body } = item {
-                let result = self.on_client_message(tag, &body);
+                let result = match tag {
+                    Some(tag) => self.on_client_tagged(tag, &body),
+                    None => self.on_client_message(None, &body),
+                };
                 self.client.recycle(body);
                 result?;
             }
@@ -781,39 +838,56 @@ impl Relay {
     }
 
     /// The connection ended (either side closed it). Requests still waiting for an answer
-    /// come out with an unknown outcome (or what was known so far). Later input is an
-    /// error.
+    /// come out with an unknown outcome (or what was known so far) and, for prepared
+    /// statements and portals, the SQL they name. Later input is an error.
     pub fn handle_close(&mut self) {
         if self.closed {
             return;
         }
         self.closed = true;
-        self.ready
-            .extend(self.pending.drain(..).filter_map(|pending| pending.record));
+        // What the requests still waiting would have done to the statements and
+        // portals is applied in order, as if they succeeded, so that the events of a
+        // batch cut in flight still show their SQL: an Execute whose Parse was never
+        // answered names the statement's text, not nothing.
+        let audited = self.steps.iter().filter(|step| step.audited());
+        for (index, &step) in (self.answered..).zip(audited) {
+            if let Some(entry) = self.entries.get_mut(index) {
+                // A limit reached here only leaves that event without its SQL.
+                let _ = self
+                    .tracked
+                    .on_complete(step, true, entry, &self.log, &self.limits);
+            }
+        }
+        self.steps.clear();
+        self.answered = self.entries.len();
         self.pending_bytes = 0;
     }
 
-    /// Bytes the relay holds right now: message buffers, pending requests, tracked
-    /// statements and event buffers kept for reuse. Bounded by the limits, whatever the
-    /// size of results streaming by.
+    /// Bytes the relay holds right now: message buffers, the log of pending requests and
+    /// events, tracked statements and portals, and buffers kept for reuse. Bounded by the
+    /// limits, whatever the size of results streaming by.
     pub fn held_bytes(&self) -> usize {
         self.client.buf.capacity()
             + self.server.buf.capacity()
-            + self.pending_bytes
+            + self.log.capacity()
             + self.tracked.held_bytes()
-            + self.records.spare_bytes()
+            + self.tracked.blobs.spare_bytes()
     }
 
     /// The next audit event, borrowed from the relay until the next call; `None` when
     /// there is none. Drain after every `handle_*` call.
     #[inline]
     pub fn poll_event_view(&mut self) -> Option<EventView<'_>> {
-        if let Some(done) = self.lent.take() {
-            self.records.release(done, &mut self.tracked.sql);
+        if self.lent {
+            self.lent = false;
+            self.drop_event();
         }
-        let id = self.ready.pop_front()?;
-        self.lent = Some(id);
-        Some(self.records.view(id, &self.tracked.sql))
+        if self.answered == 0 {
+            return None;
+        }
+        let entry = self.entries.front()?;
+        self.lent = true;
+        Some(entry.view(&self.log, &self.tracked.blobs))
     }
 
     /// The next audit event, owned (text converted, parameters rendered): what
@@ -822,24 +896,86 @@ impl Relay {
         self.poll_event_view().map(|event| event.to_owned())
     }
 
-    /// Lets go of a record the relay itself holds (a request, an event).
-    fn free_record(&mut self, id: RecordId) {
-        self.records.release(id, &mut self.tracked.sql);
+    /// Drops the oldest event. The log is emptied when nothing is left in it, and
+    /// compacted when a pipeline that never drains has made it long.
+    fn drop_event(&mut self) {
+        if let Some(entry) = self.entries.pop_front() {
+            self.answered -= 1;
+            entry.release(&mut self.tracked.blobs);
+        }
+        if self.entries.is_empty() {
+            if self.log.capacity() > LOG_RETAIN_MAX {
+                self.log = Vec::with_capacity(LOG_CAPACITY);
+            } else {
+                self.log.clear();
+            }
+        } else if self.log.len() >= self.compact_at {
+            self.compact_log();
+        }
     }
 
-    fn check_usable(&self, direction: Direction) -> Result<(), Error> {
-        if let Some(error) = &self.failed {
-            return Err(error.clone());
+    /// Cuts off the front of the log that no entry uses any more.
+    #[cold]
+    fn compact_log(&mut self) {
+        let live = self.entries.iter().map(|e| e.start).min().unwrap_or(0);
+        if live > 0 {
+            self.log.drain(..live as usize);
+            for entry in &mut self.entries {
+                entry.shift(live);
+            }
         }
-        if self.closed {
-            return Err(Error::PeerMisbehaved {
-                direction,
-                kind: PeerMisbehaved::InputAfterEnd("connection (already closed)"),
-            });
-        }
-        Ok(())
+        self.compact_at = (2 * self.log.len()).max(LOG_COMPACT_MIN);
     }
 
+    /// A whole client message. The messages of every statement (Query; Bind, Describe,
+    /// Execute, Sync) are handled straight from their bytes, in exactly the shapes the
+    /// decoder accepts (Bind by its own part of the decoder), each by a small function;
+    /// anything else, and these when malformed, goes through the decoder and gets its
+    /// error.
+    #[inline(always)]
+    fn on_client_tagged(&mut self, tag: u8, body: &[u8]) -> Result<(), Error> {
+        match (tag, body) {
+            (frontend::tag::SYNC, []) => {
+                self.discarding_until_sync = false;
+                self.on_unaudited(Step::Sync)
+            }
+            (frontend::tag::DESCRIBE, [b'S' | b'P', name @ .., 0]) if !has_nul(name) => {
+                self.on_unaudited(Step::Describe)
+            }
+            (frontend::tag::QUERY, [query @ .., 0]) if !has_nul(query) => self.on_query(query),
+            (frontend::tag::BIND, _) => self.on_bind(body),
+            (frontend::tag::EXECUTE, [portal @ .., 0, _, _, _, _]) if !has_nul(portal) => {
+                self.on_execute(portal)
+            }
+            _ => self.on_client_message(Some(tag), body),
+        }
+    }
+
+    #[inline(never)]
+    fn on_query(&mut self, query: &[u8]) -> Result<(), Error> {
+        let mut entry = Entry::new(EventKind::Query, self.log.len());
+        entry.query = Sql::Copied(push(&mut self.log, query));
+        self.on_audited(Step::Query, entry)
+    }
+
+    #[inline(never)]
+    fn on_bind(&mut self, body: &[u8]) -> Result<(), Error> {
+        let bind = BindView::decode(body)
+            .map_err(|kind| Error::invalid(Direction::Frontend, Some(frontend::tag::BIND), kind))?;
+        let mut entry = Entry::new(EventKind::PostgresBind, self.log.len());
+        entry.set_bind(&mut self.log, body, &bind);
+        self.on_audited(Step::Bind, entry)
+    }
+
+    #[inline(never)]
+    fn on_execute(&mut self, portal: &[u8]) -> Result<(), Error> {
+        let mut entry = Entry::new(EventKind::PostgresExecute, self.log.len());
+        entry.portal = Some(push(&mut self.log, portal));
+        self.on_audited(Step::Execute, entry)
+    }
+
+    /// Untagged start-up packets, and tagged messages off the statement path.
+    #[inline(never)]
     fn on_client_message(&mut self, tag: Option<u8>, body: &[u8]) -> Result<(), Error> {
         let Some(tag) = tag else {
             return match StartupRequest::decode(body)? {
@@ -854,39 +990,7 @@ impl Relay {
                 })),
             };
         };
-        // The messages of every statement (Query; Bind, Describe, Execute, Sync) are
-        // handled straight from their bytes, in exactly the shapes the decoder accepts
-        // (Bind by its own part of the decoder); anything else, and these when
-        // malformed, goes through the decoder and gets its error.
-        match (tag, body) {
-            (frontend::tag::SYNC, []) => {
-                self.discarding_until_sync = false;
-                return self.on_unaudited(Step::Sync);
-            }
-            (frontend::tag::DESCRIBE, [b'S' | b'P', name @ .., 0]) if !name.contains(&0) => {
-                return self.on_unaudited(Step::Describe);
-            }
-            (frontend::tag::QUERY, [query @ .., 0]) if !query.contains(&0) => {
-                let id = self.records.new_record(EventKind::Query);
-                let record = &mut self.records[id];
-                record.query = Sql::Copied(record.push(query));
-                return self.on_audited(Step::Query, id);
-            }
-            (frontend::tag::BIND, _) => {
-                let bind = BindView::decode(body)
-                    .map_err(|kind| Error::invalid(Direction::Frontend, Some(tag), kind))?;
-                let id = self.records.new_record(EventKind::PostgresBind);
-                self.records[id].set_bind(body, &bind);
-                return self.on_audited(Step::Bind, id);
-            }
-            (frontend::tag::EXECUTE, [portal @ .., 0, _, _, _, _]) if !portal.contains(&0) => {
-                let id = self.records.new_record(EventKind::PostgresExecute);
-                let record = &mut self.records[id];
-                record.portal = Some(record.push(portal));
-                return self.on_audited(Step::Execute, id);
-            }
-            _ => {}
-        }
+        let start = self.log.len();
         // Decoded as a borrowed view: only what the audit keeps is copied out.
         let message = MessageView::decode(tag, body)
             .map_err(|kind| Error::invalid(Direction::Frontend, Some(tag), kind))?;
@@ -910,43 +1014,63 @@ impl Relay {
             // the Query or Execute that started the COPY.
             _ => return Ok(()),
         };
-        let id = self.records.new_record(kind);
-        let record = &mut self.records[id];
+        let mut entry = Entry::new(kind, start);
+        let log = &mut self.log;
         match message {
-            MessageView::Query(query) => record.query = Sql::Copied(record.push(query)),
+            MessageView::Query(query) => entry.query = Sql::Copied(push(log, query)),
             MessageView::Parse(parse) => {
-                record.statement = Some(record.push(parse.name));
-                record.query = Sql::Copied(record.push(parse.query));
+                entry.statement = Some(push(log, parse.name));
+                entry.query = Sql::Copied(push(log, parse.query));
             }
-            MessageView::Bind(bind) => record.set_bind(body, &bind),
-            MessageView::Execute { portal, .. } => record.portal = Some(record.push(portal)),
+            MessageView::Bind(bind) => entry.set_bind(log, body, &bind),
+            MessageView::Execute { portal, .. } => entry.portal = Some(push(log, portal)),
             MessageView::Close(TargetView::Statement(name)) => {
-                record.statement = Some(record.push(name));
+                entry.statement = Some(push(log, name));
             }
-            MessageView::Close(TargetView::Portal(name)) => record.portal = Some(record.push(name)),
+            MessageView::Close(TargetView::Portal(name)) => entry.portal = Some(push(log, name)),
             MessageView::FunctionCall(call) => {
-                record.function = Some(call.function);
-                record.set_parameters(call.argument_formats, call.arguments);
+                entry.function = Some(call.function);
+                entry.parameters = Params::Copied {
+                    formats: push(log, call.argument_formats.bytes()),
+                    values: push(log, call.arguments.bytes()),
+                    count: call.arguments.count(),
+                };
             }
             _ => {}
         }
-        self.on_audited(step, id)
+        self.on_audited(step, entry)
     }
 
-    /// An audited request, its record filled in: queued for the server's answer.
-    fn on_audited(&mut self, step: Step, id: RecordId) -> Result<(), Error> {
-        let record = &mut self.records[id];
+    /// An audited request, its bytes in the log: queued for the server's answer.
+    fn on_audited(&mut self, step: Step, mut entry: Entry) -> Result<(), Error> {
         if self.discarding_until_sync {
-            // The server reads and drops it: audit it as never run.
-            record.answer(OutcomeView::Skipped);
-            self.ready.push_back(id);
+            // The server reads and drops it: audit it as never run. Nothing else waits
+            // (the error answered every request up to the Sync not yet sent), so it is
+            // next in line.
+            entry.answer = Answer::Skipped;
+            self.entries.push_back(entry);
+            self.answered = self.entries.len();
             return Ok(());
         }
-        let held = record.held_bytes();
-        match self.push_pending(step, Some(id), held) {
-            Ok(()) => Ok(()),
+        let held = self.log.len() - entry.start as usize;
+        let result = if self.log.len() > u32::MAX as usize {
+            // The log's spans are 32-bit: far beyond any sane `pending_bytes_max`.
+            Err(Error::limit(
+                Limit::PendingBytes,
+                self.log.len(),
+                u32::MAX as usize,
+            ))
+        } else {
+            self.push_step(step, held)
+        };
+        match result {
+            Ok(()) => {
+                entry.held = held as u32;
+                self.entries.push_back(entry);
+                Ok(())
+            }
             Err(error) => {
-                self.free_record(id);
+                self.log.truncate(entry.start as usize);
                 Err(error)
             }
         }
@@ -957,86 +1081,92 @@ impl Relay {
         if self.discarding_until_sync {
             return Ok(());
         }
-        self.push_pending(step, None, 0)
+        self.push_step(step, 0)
     }
 
-    fn push_pending(
-        &mut self,
-        step: Step,
-        record: Option<RecordId>,
-        held: usize,
-    ) -> Result<(), Error> {
-        let max = self.limits.pending_requests_max;
-        if self.pending.len() >= max {
-            return Err(Error::limit(
-                Limit::PendingRequests,
-                self.pending.len() + 1,
-                max,
-            ));
-        }
+    #[inline]
+    fn push_step(&mut self, step: Step, held: usize) -> Result<(), Error> {
         let bytes = self.pending_bytes + held;
-        if bytes > self.limits.pending_bytes_max {
-            return Err(Error::limit(
-                Limit::PendingBytes,
-                bytes,
-                self.limits.pending_bytes_max,
-            ));
+        if self.steps.len() >= self.limits.pending_requests_max
+            || bytes > self.limits.pending_bytes_max
+        {
+            return Err(self.pending_limit(bytes));
         }
         self.pending_bytes = bytes;
-        self.pending.push_back(Pending { step, record });
+        self.steps.push_back(step);
         Ok(())
     }
 
-    /// Takes the front request off the queue: its step and, when audited, its record.
-    fn pop_pending(&mut self) -> Option<(Step, Option<RecordId>)> {
-        let Pending { step, record } = self.pending.pop_front()?;
-        if let Some(id) = record {
-            let held = self.records[id].held_bytes();
-            self.pending_bytes = self.pending_bytes.saturating_sub(held);
+    #[cold]
+    fn pending_limit(&self, bytes: usize) -> Error {
+        let max = self.limits.pending_requests_max;
+        if self.steps.len() >= max {
+            Error::limit(Limit::PendingRequests, self.steps.len() + 1, max)
+        } else {
+            Error::limit(Limit::PendingBytes, bytes, self.limits.pending_bytes_max)
         }
-        Some((step, record))
+    }
+
+    /// Takes the front step off the queue; an audited one's entry becomes an event.
+    fn pop_step(&mut self) -> Option<Step> {
+        let step = self.steps.pop_front()?;
+        if step.audited()
+            && let Some(entry) = self.entries.get(self.answered)
+        {
+            self.pending_bytes = self.pending_bytes.saturating_sub(entry.held as usize);
+            self.answered += 1;
+        }
+        Some(step)
     }
 
     fn front_step(&self) -> Option<Step> {
-        self.pending.front().map(|pending| pending.step)
+        self.steps.front().copied()
     }
 
     /// Server messages the relay does not read whole still move the Describe step on.
+    #[inline(always)]
     fn on_server_skipped(&mut self, tag: u8) {
         if matches!(tag, backend::tag::ROW_DESCRIPTION | backend::tag::NO_DATA)
             && self.front_step() == Some(Step::Describe)
         {
-            self.pop_pending();
+            self.steps.pop_front();
         }
     }
 
+    /// A whole server message read for the audit. The answers on every statement's path
+    /// (no body, a one-byte status, a command tag) are handled straight from their bytes,
+    /// each by a small function; the rest, and these when malformed, go through the
+    /// decoder.
+    #[inline(always)]
     fn on_server_frame(&mut self, tag: u8, body: &[u8]) -> Result<(), Error> {
         use backend::tag::*;
-        // The answers with no body (or a one-byte status) on the common path: no decoder.
+        match (tag, body) {
+            // One per statement: read borrowed, the tag is copied into the event.
+            (COMMAND_COMPLETE, [command_tag @ .., 0]) if !has_nul(command_tag) => {
+                self.on_command_done(Some(command_tag))
+            }
+            (BIND_COMPLETE, []) => self.on_bind_complete(),
+            (READY_FOR_QUERY, [status @ (b'I' | b'T' | b'E')]) => {
+                self.on_ready(*status == b'I');
+                Ok(())
+            }
+            _ => self.on_server_other(tag, body),
+        }
+    }
+
+    #[inline(never)]
+    fn on_server_other(&mut self, tag: u8, body: &[u8]) -> Result<(), Error> {
+        use backend::tag::*;
         match (tag, body) {
             (COMMAND_COMPLETE, _) => {
-                // One per statement: read borrowed, the tag is copied into the event.
                 let command_tag = backend::command_tag(body)?;
-                return self.on_command_done(Some(command_tag));
+                self.on_command_done(Some(command_tag))
             }
-            (PARSE_COMPLETE, []) => return self.complete(Step::Parse, succeeded(None)),
-            (BIND_COMPLETE, []) => return self.complete(Step::Bind, succeeded(None)),
-            (CLOSE_COMPLETE, []) => return self.complete(Step::Close, succeeded(None)),
-            (READY_FOR_QUERY, [status]) => {
-                let status = match status {
-                    b'I' => backend::TransactionStatus::Idle,
-                    b'T' => backend::TransactionStatus::InTransaction,
-                    b'E' => backend::TransactionStatus::Failed,
-                    // Refused by the decoder below, with its error.
-                    _ => return BackendMessage::decode(Frame { tag, body }).map(|_| ()),
-                };
-                self.on_ready(status);
-                return Ok(());
-            }
-            _ => {}
+            (PARSE_COMPLETE, []) => self.complete(Step::Parse, succeeded(None)),
+            (CLOSE_COMPLETE, []) => self.complete(Step::Close, succeeded(None)),
+            _ => BackendMessage::decode(Frame { tag, body })
+                .and_then(|message| self.on_server_message(message)),
         }
-        BackendMessage::decode(Frame { tag, body })
-            .and_then(|message| self.on_server_message(message))
     }
 
     fn on_server_message(&mut self, message: BackendMessage) -> Result<(), Error> {
@@ -1053,7 +1183,7 @@ impl Relay {
                 message: fields.message().unwrap_or_default(),
             }),
             BackendMessage::ReadyForQuery(status) => {
-                self.on_ready(status);
+                self.on_ready(status == backend::TransactionStatus::Idle);
                 Ok(())
             }
             // Nothing else is read whole (see `keep_backend`).
@@ -1061,30 +1191,34 @@ impl Relay {
         }
     }
 
+    #[inline]
     fn on_command_done(&mut self, tag: Option<&[u8]>) -> Result<(), Error> {
         match self.front_step() {
-            Some(Step::Execute) => self.complete(Step::Execute, succeeded(tag)),
-            _ => self.record(Step::Query, succeeded(tag)),
+            Some(Step::Execute) => self.on_execute_complete(tag),
+            _ => self.on_query_done(tag),
         }
     }
 
+    /// CommandComplete of a simple Query: `record`, specialised.
+    #[inline(never)]
+    fn on_query_done(&mut self, tag: Option<&[u8]>) -> Result<(), Error> {
+        self.record(Step::Query, succeeded(tag))
+    }
+
     /// Notes the outcome of a Query or FunctionCall, which ends at ReadyForQuery.
+    #[inline(always)]
     fn record(&mut self, step: Step, outcome: OutcomeView<'_>) -> Result<(), Error> {
-        match self.pending.front() {
-            Some(&Pending {
-                step: front,
-                record: Some(id),
-            }) if front == step => {
-                let record = &mut self.records[id];
-                let before = record.held_bytes();
-                record.answer(outcome);
-                // The answer's text is held as long as the request waits.
-                self.pending_bytes =
-                    (self.pending_bytes + record.held_bytes()).saturating_sub(before);
-                Ok(())
-            }
-            _ => Err(unexpected_answer(step)),
+        if self.front_step() != Some(step) {
+            return Err(unexpected_answer(step));
         }
+        let Some(entry) = self.entries.get_mut(self.answered) else {
+            return Err(unexpected_answer(step));
+        };
+        // The answer's text is held as long as the request waits.
+        let grown = entry.set_answer(&mut self.log, outcome);
+        entry.held = (entry.held as isize + grown).max(0) as u32;
+        self.pending_bytes = (self.pending_bytes as isize + grown).max(0) as usize;
+        Ok(())
     }
 
     fn on_error(&mut self, outcome: OutcomeView<'_>) -> Result<(), Error> {
@@ -1111,50 +1245,70 @@ impl Relay {
         }
     }
 
-    fn on_ready(&mut self, status: backend::TransactionStatus) {
+    /// ReadyForQuery; `idle`: outside a transaction.
+    #[inline(never)]
+    fn on_ready(&mut self, idle: bool) {
         // ReadyForQuery ends a Query, a FunctionCall or a Sync batch. Anything still in
         // front of it got no answer (cannot happen with a conforming server) and comes
         // out as it is.
-        while let Some((step, record)) = self.pop_pending() {
-            let ends = matches!(step, Step::Query | Step::Function | Step::Sync);
-            if let Some(record) = record {
-                self.ready.push_back(record);
-            }
-            if ends {
+        while let Some(step) = self.pop_step() {
+            if matches!(step, Step::Query | Step::Function | Step::Sync) {
                 break;
             }
         }
-        if status == backend::TransactionStatus::Idle {
+        if idle {
             // Portals live until the end of the transaction.
-            self.tracked.clear_portals(&mut self.records);
+            self.tracked.clear_portals();
         }
     }
 
-    /// Pops the front request, which must be waiting for `step`, and emits its event.
+    /// BindComplete: `complete`, specialised.
+    #[inline(never)]
+    fn on_bind_complete(&mut self) -> Result<(), Error> {
+        self.complete(Step::Bind, succeeded(None))
+    }
+
+    /// CommandComplete of an Execute: `complete`, specialised.
+    #[inline(never)]
+    fn on_execute_complete(&mut self, tag: Option<&[u8]>) -> Result<(), Error> {
+        self.complete(Step::Execute, succeeded(tag))
+    }
+
+    /// Pops the front request, which must be waiting for `step`, and makes its event.
+    /// Inlined so that each caller that knows its step gets only that step's code.
+    #[inline(always)]
     fn complete(&mut self, step: Step, outcome: OutcomeView<'_>) -> Result<(), Error> {
         if self.front_step() != Some(step) {
             return Err(unexpected_answer(step));
         }
-        let Some((_, record)) = self.pop_pending() else {
-            return Err(unexpected_answer(step));
-        };
-        // Describe has no event: nothing to record or track.
-        let Some(id) = record else {
+        if !step.audited() {
+            // Describe has no event: nothing to record or track.
+            self.steps.pop_front();
             return Ok(());
+        }
+        let index = self.answered;
+        let Some(entry) = self.entries.get_mut(index) else {
+            return Err(unexpected_answer(step));
         };
         let ok = matches!(
             outcome,
             OutcomeView::Succeeded { .. } | OutcomeView::Suspended
         );
-        if let Err(error) = self
+        let tracked = self
             .tracked
-            .on_complete(step, ok, id, &mut self.records, &self.limits)
-        {
-            self.free_record(id);
+            .on_complete(step, ok, entry, &self.log, &self.limits);
+        self.pop_step();
+        if let Err(error) = tracked {
+            // The relay fails: the request goes unaudited, as the session ends.
+            self.answered -= 1;
+            if let Some(entry) = self.entries.remove(index) {
+                entry.release(&mut self.tracked.blobs);
+            }
             return Err(error);
         }
-        self.records[id].answer(outcome);
-        self.ready.push_back(id);
+        if let Some(entry) = self.entries.get_mut(index) {
+            entry.set_answer(&mut self.log, outcome);
+        }
         Ok(())
     }
 }
@@ -1164,124 +1318,129 @@ impl Relay {
 #[derive(Debug, Default)]
 struct Tracked {
     /// Prepared statements: name -> SQL.
-    statements: Named<SqlId>,
-    /// Portals: name -> SQL and the Bind's record (its parameters).
+    statements: Named<BlobId>,
+    /// Portals: name -> SQL and parameters.
     portals: Named<Portal>,
     /// Bytes of SQL and parameters held by both.
     bytes: usize,
-    /// The SQL of statements, portals and records: each holds one count.
-    sql: SqlStore,
+    /// The SQL of statements and the parameters of portals: each holder has one count.
+    blobs: Blobs,
 }
 
 impl Tracked {
-    /// Notes what the request of record `id`, which the server answered, did to the
-    /// statements and portals, and fills in its record's SQL (and, for Execute, its
+    /// Notes what the request of `entry`, which the server answered, did to the
+    /// statements and portals, and fills in the entry's SQL (and, for Execute, its
     /// portal's parameters).
+    #[inline(always)]
     fn on_complete(
         &mut self,
         step: Step,
         ok: bool,
-        id: RecordId,
-        records: &mut Records,
+        entry: &mut Entry,
+        log: &[u8],
         limits: &Limits,
     ) -> Result<(), Error> {
-        let (statement, portal) = (records[id].statement, records[id].portal);
-        match (step, statement, portal) {
+        match (step, entry.statement, entry.portal) {
             (Step::Parse, Some(name), _) if ok => {
-                let record = &mut records[id];
-                let query = self.sql.insert(match record.query {
-                    Sql::Copied(span) => record.get(span),
+                let query = match entry.query {
+                    Sql::Copied(span) => get(log, span),
                     _ => &[],
-                });
-                // The event shares the statement's copy; its own bytes stay unused.
-                let table_share = self.sql.acquire(query);
-                if let Err(error) = self.track_statement(record.get(name), table_share, limits) {
-                    self.sql.release(query);
-                    return Err(error);
-                }
-                record.query = Sql::Shared(query);
+                };
+                let query = self.blobs.insert([query, &[]]);
+                self.track_statement(get(log, name), query, limits)?;
             }
             (Step::Bind, Some(statement), Some(name)) => {
-                let query = self.statements.get(records[id].get(statement)).copied();
+                let query = self.statements.get(get(log, statement)).copied();
                 if ok {
-                    let shared = query.map(|q| self.sql.acquire(q));
-                    self.track_portal(id, name, shared, records, limits)?;
+                    let parameters = match entry.parameters {
+                        Params::Copied {
+                            formats,
+                            values,
+                            count,
+                        } if count > 0 => Some(SharedParameters {
+                            blob: self.blobs.insert([get(log, formats), get(log, values)]),
+                            formats_len: formats.end - formats.start,
+                            count,
+                        }),
+                        _ => None,
+                    };
+                    let portal = Portal {
+                        query: query.map(|q| self.blobs.acquire(q)),
+                        parameters,
+                    };
+                    self.track_portal(get(log, name), portal, limits)?;
                 }
-                records[id].query = self.share(query);
+                entry.query = self.share(query);
             }
             (Step::Execute, _, Some(name)) => {
-                let found = self
-                    .portals
-                    .get(records[id].get(name))
-                    .map(|portal| (portal.query, portal.bind));
-                if let Some((query, bind)) = found {
-                    // The parameters stay in the Bind's buffer: the event holds it.
-                    let bind = records.acquire(bind);
-                    let (formats, values, value_count) = {
-                        let bind = &records[bind];
-                        (bind.formats, bind.values, bind.value_count)
-                    };
-                    let record = &mut records[id];
-                    record.parameters_of = Some(bind);
-                    record.formats = formats;
-                    record.values = values;
-                    record.value_count = value_count;
-                    record.query = self.share(query);
+                if let Some(&portal) = self.portals.get(get(log, name)) {
+                    if let Some(parameters) = portal.parameters {
+                        self.blobs.acquire(parameters.blob);
+                        entry.parameters = Params::Shared(parameters);
+                    }
+                    entry.query = self.share(portal.query);
                 }
             }
             (Step::Close, Some(name), _) => {
-                let record = &mut records[id];
-                let name = record.get(name);
+                let name = get(log, name);
                 let query = self.statements.get(name).copied();
-                let shared = self.share(query);
+                entry.query = self.share(query);
                 if ok && let Some(query) = self.statements.remove(name) {
-                    self.bytes = self.bytes.saturating_sub(self.sql.get(query).len());
-                    self.sql.release(query);
+                    self.bytes = self.bytes.saturating_sub(self.blobs.get(query).len());
+                    self.blobs.release(query);
                 }
-                record.query = shared;
             }
             (Step::Close, _, Some(name)) => {
-                let name = records[id].get(name);
+                let name = get(log, name);
                 let query = self.portals.get(name).and_then(|p| p.query);
-                let shared = self.share(query);
-                let closed = if ok { self.portals.remove(name) } else { None };
-                if let Some(portal) = closed {
-                    self.drop_portal(portal, records);
+                entry.query = self.share(query);
+                if ok && let Some(portal) = self.portals.remove(name) {
+                    self.drop_portal(portal);
                 }
-                records[id].query = shared;
             }
             _ => {}
         }
         Ok(())
     }
 
-    /// A record's share of a statement's SQL, if there is one.
-    fn share(&mut self, query: Option<SqlId>) -> Sql {
+    /// An event's share of a statement's SQL, if there is one.
+    fn share(&mut self, query: Option<BlobId>) -> Sql {
         match query {
-            Some(query) => Sql::Shared(self.sql.acquire(query)),
+            Some(query) => Sql::Shared(self.blobs.acquire(query)),
             None => Sql::None,
         }
     }
 
-    /// Forgets a portal: its bytes, its share of the SQL, its hold on its Bind's record.
-    fn drop_portal(&mut self, portal: Portal, records: &mut Records) {
-        self.bytes = self.bytes.saturating_sub(portal.held_bytes(&self.sql));
+    /// Forgets a portal: its bytes, its shares of SQL and parameters.
+    fn drop_portal(&mut self, portal: Portal) {
+        self.bytes = self.bytes.saturating_sub(portal.held_bytes(&self.blobs));
+        self.release_portal(portal);
+    }
+
+    fn release_portal(&mut self, portal: Portal) {
         if let Some(query) = portal.query {
-            self.sql.release(query);
+            self.blobs.release(query);
         }
-        records.release(portal.bind, &mut self.sql);
+        if let Some(parameters) = portal.parameters {
+            self.blobs.release(parameters.blob);
+        }
     }
 
     /// Tracks a statement the server confirmed; `query` is the table's share of its SQL
     /// (released if the statement cannot be tracked).
-    fn track_statement(&mut self, name: &[u8], query: SqlId, limits: &Limits) -> Result<(), Error> {
+    fn track_statement(
+        &mut self,
+        name: &[u8],
+        query: BlobId,
+        limits: &Limits,
+    ) -> Result<(), Error> {
         if let Some(old) = self.statements.remove(name) {
-            self.bytes = self.bytes.saturating_sub(self.sql.get(old).len());
-            self.sql.release(old);
+            self.bytes = self.bytes.saturating_sub(self.blobs.get(old).len());
+            self.blobs.release(old);
         }
-        let len = self.sql.get(query).len();
+        let len = self.blobs.get(query).len();
         if let Err(e) = self.check(len, limits) {
-            self.sql.release(query);
+            self.blobs.release(query);
             return Err(e);
         }
         self.bytes += len;
@@ -1289,75 +1448,36 @@ impl Tracked {
         Ok(())
     }
 
-    /// Tracks the portal that the Bind of record `bind` created (named by its span
-    /// `name`), replacing any of that name; `query` is the portal's share of its
-    /// statement's SQL (released if the portal cannot be tracked). The portal holds the
-    /// Bind's record for its parameters.
-    fn track_portal(
-        &mut self,
-        bind: RecordId,
-        name: Span,
-        query: Option<SqlId>,
-        records: &mut Records,
-        limits: &Limits,
-    ) -> Result<(), Error> {
-        let record = &records[bind];
-        let name = record.get(name);
-        let replaced = self.portals.remove(name);
-        if let Some(old) = &replaced {
-            self.bytes = self.bytes.saturating_sub(old.held_bytes(&self.sql));
+    /// Tracks a portal the server confirmed, replacing any of that name; its shares
+    /// are released if it cannot be tracked.
+    fn track_portal(&mut self, name: &[u8], portal: Portal, limits: &Limits) -> Result<(), Error> {
+        if let Some(old) = self.portals.remove(name) {
+            self.drop_portal(old);
         }
-        let portal = Portal {
-            query,
-            bind,
-            parameters_len: record.get(record.formats).len() + record.get(record.values).len(),
-        };
-        let held = portal.held_bytes(&self.sql);
-        let result = self.check(held, limits);
-        if result.is_ok() {
-            self.bytes += held;
-            self.portals.insert(name, portal);
+        let held = portal.held_bytes(&self.blobs);
+        if let Err(error) = self.check(held, limits) {
+            self.release_portal(portal);
+            return Err(error);
         }
-        if let Some(old) = replaced {
-            // Its bytes were taken off above.
-            if let Some(query) = old.query {
-                self.sql.release(query);
-            }
-            records.release(old.bind, &mut self.sql);
-        }
-        match result {
-            Ok(()) => {
-                records.acquire(bind);
-                Ok(())
-            }
-            Err(error) => {
-                if let Some(query) = query {
-                    self.sql.release(query);
-                }
-                Err(error)
-            }
-        }
+        self.bytes += held;
+        self.portals.insert(name, portal);
+        Ok(())
     }
 
     /// Forgets every portal (the transaction ended).
-    fn clear_portals(&mut self, records: &mut Records) {
+    fn clear_portals(&mut self) {
         if self.portals.scanned.is_empty() && self.portals.named.is_empty() {
             // Only the unnamed portal, if any: the usual case, after each statement.
             if let Some(portal) = self.portals.unnamed.take() {
-                self.drop_portal(portal, records);
+                self.drop_portal(portal);
             }
             return;
         }
-        let mut held = 0;
-        for portal in self.portals.values() {
-            held += portal.held_bytes(&self.sql);
-            if let Some(query) = portal.query {
-                self.sql.release(query);
-            }
-            records.release(portal.bind, &mut self.sql);
+        // Taken out whole: its memory for named portals goes with it.
+        let portals = std::mem::take(&mut self.portals);
+        for &portal in portals.values() {
+            self.drop_portal(portal);
         }
-        self.bytes = self.bytes.saturating_sub(held);
-        self.portals.clear();
     }
 
     fn check(&self, more_bytes: usize, limits: &Limits) -> Result<(), Error> {
@@ -1380,7 +1500,7 @@ impl Tracked {
         Ok(())
     }
 
-    /// Bytes of SQL and parameters held (the parameters are in the Binds' records).
+    /// Bytes of SQL and parameters held.
     fn held_bytes(&self) -> usize {
         self.bytes
     }
@@ -1756,6 +1876,91 @@ mod tests {
         assert_eq!((named.get(&long), named.get(&short)), (Some(&1), None));
     }
 
+    // Goal: a client that always has a request waiting (the next one is sent before the
+    // last is answered, so the queue never drains and the log is never emptied) does not
+    // make the log grow: its dead front is cut off, and every event still shows its own
+    // SQL.
+    #[test]
+    fn log_is_compacted_when_the_pipeline_never_drains() {
+        let mut relay = Relay::new(Limits::default());
+        let query = |i: usize| format!("select {i} /* {} */", "x".repeat(i % 97));
+        relay
+            .handle_client_bytes(&client(&[FrontendMessage::Query(query(0).into_bytes())]))
+            .expect("valid request");
+        let mut longest = 0;
+        for i in 1..20_000 {
+            relay
+                .handle_client_bytes(&client(&[FrontendMessage::Query(query(i).into_bytes())]))
+                .expect("valid request");
+            relay
+                .handle_server_bytes(&server(&[
+                    BackendMessage::CommandComplete(b"SELECT 1".to_vec()),
+                    BackendMessage::ReadyForQuery(TransactionStatus::Idle),
+                ]))
+                .expect("valid answer");
+            longest = longest.max(relay.log.len());
+            let event = relay
+                .poll_event_view()
+                .expect("the last query was answered");
+            assert_eq!(event.query, Some(query(i - 1).as_bytes()));
+            assert_eq!(
+                event.outcome,
+                OutcomeView::Succeeded {
+                    tag: Some(b"SELECT 1")
+                }
+            );
+            assert!(relay.poll_event_view().is_none());
+            assert_eq!(relay.entries.len(), 1, "the query just sent waits");
+        }
+        assert!(
+            longest >= LOG_COMPACT_MIN,
+            "the log was never long: {longest}"
+        );
+        assert!(
+            longest <= 2 * LOG_COMPACT_MIN + 256,
+            "log of {longest} bytes"
+        );
+    }
+
+    // Goal: a simple query holding many statements keeps only its last answer's text
+    // (each CommandComplete replaces the one before), so its memory does not grow with
+    // the number of statements.
+    #[test]
+    fn later_answers_replace_earlier_ones() {
+        let mut relay = Relay::new(Limits::default());
+        relay
+            .handle_client_bytes(&client(&[FrontendMessage::Query(
+                b"insert into t values (1); /* ... 10,000 times */".to_vec(),
+            )]))
+            .expect("valid request");
+        for i in 0..10_000 {
+            relay
+                .handle_server_bytes(&server(&[BackendMessage::CommandComplete(
+                    format!("INSERT 0 {i}").into_bytes(),
+                )]))
+                .expect("valid answer");
+            assert!(relay.log.len() < 128, "log of {} bytes", relay.log.len());
+            assert!(
+                relay.pending_bytes < 128,
+                "{} bytes pending",
+                relay.pending_bytes
+            );
+        }
+        relay
+            .handle_server_bytes(&server(&[BackendMessage::ReadyForQuery(
+                TransactionStatus::Idle,
+            )]))
+            .expect("valid answer");
+        let event = relay.poll_event_view().expect("answered");
+        assert_eq!(
+            event.outcome,
+            OutcomeView::Succeeded {
+                tag: Some(b"INSERT 0 9999")
+            }
+        );
+        assert_eq!(relay.pending_bytes, 0);
+    }
+
     // Goal: every holder of a statement's SQL (statement table, portal, event) and of a
     // Bind's record (its event, its portal, its portal's Execute events) gives its share
     // back, through success, failure and replacement, so neither the SQL store nor the
@@ -1825,12 +2030,12 @@ mod tests {
             }
             assert_eq!(events, 6);
         }
-        // Three statements are still prepared; nothing else holds SQL.
-        let sql = &relay.tracked.sql;
-        let held: Vec<u32> = sql.entries.iter().map(|e| e.holders).collect();
+        // Three statements are still prepared; nothing else holds SQL or parameters.
+        let blobs = &relay.tracked.blobs;
+        let held: Vec<u32> = blobs.entries.iter().map(|e| e.holders).collect();
         assert_eq!(held.iter().filter(|&&h| h > 0).count(), 3, "{held:?}");
         assert!(held.iter().all(|&h| h <= 1), "{held:?}");
-        assert!(sql.entries.len() <= 8, "{} entries", sql.entries.len());
+        assert!(blobs.entries.len() <= 16, "{} entries", blobs.entries.len());
         for name in ["s0", "s1", "s2"] {
             relay
                 .handle_client_bytes(&client(&[
@@ -1846,17 +2051,17 @@ mod tests {
                 .expect("valid answers");
             while relay.poll_event_view().is_some() {}
         }
-        let sql = &relay.tracked.sql;
+        let blobs = &relay.tracked.blobs;
         assert!(
-            sql.entries
+            blobs
+                .entries
                 .iter()
                 .all(|e| e.holders == 0 && e.bytes.is_empty())
         );
+        assert_eq!(blobs.free.len(), blobs.entries.len());
         assert_eq!(relay.tracked.bytes, 0);
-        // Every record is free again: no portal or Execute event still holds a Bind's.
-        let records = &relay.records;
-        assert!(records.slots.len() <= 16, "{} records", records.slots.len());
-        assert_eq!(records.free.len(), records.slots.len());
-        assert!(records.slots.iter().all(|r| r.holders == 0));
+        // Nothing waits and every event was taken: the log is empty.
+        assert!(relay.entries.is_empty() && relay.steps.is_empty());
+        assert!(relay.log.is_empty());
     }
 }

@@ -273,6 +273,33 @@ fn close_flushes_pending() {
     );
 }
 
+// Goal: a batch cut in flight (the connection closed before any answer) is audited with
+// its SQL: the Execute of a statement whose ParseComplete never came names its text and
+// parameters, with the outcome unknown.
+#[test]
+fn close_names_sql_of_unanswered_batch() {
+    let mut relay = Relay::new(Limits::default());
+    relay
+        .handle_client_bytes(&client(&[
+            parse("s1", "update t set n = $1"),
+            bind("s1", vec![Some(b"7".to_vec())], vec![]),
+            execute(),
+            FrontendMessage::Close(Target::Statement(b"s1".to_vec())),
+            FrontendMessage::Sync,
+        ]))
+        .unwrap();
+    relay.handle_close();
+    assert_eq!(
+        events(&mut relay),
+        [
+            "TPG00I db.session.postgres.statements.parse statement=\"s1\" query=\"update t set n = $1\" -> unknown",
+            "TPG01I db.session.postgres.statements.bind statement=\"s1\" portal=\"\" query=\"update t set n = $1\" parameters=[\"7\"] -> unknown",
+            "TPG02I db.session.postgres.statements.execute portal=\"\" query=\"update t set n = $1\" parameters=[\"7\"] -> unknown",
+            "TPG03I db.session.postgres.statements.close statement=\"s1\" query=\"update t set n = $1\" -> unknown",
+        ]
+    );
+}
+
 // Goal: nothing may follow Terminate.
 #[test]
 fn input_after_terminate() {
