@@ -20,8 +20,8 @@ use std::time::Duration;
 use postern_pg::audit::EventView;
 use postern_pg::{AuditEvent, Relay};
 use postern_rt::ReadBuffer;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::spool::Durable;
@@ -46,6 +46,10 @@ pub enum RelayEnd {
     /// The user's certificate expired (role option `disconnect_expired_cert`); the
     /// client was told to log in again (SQLSTATE 57P01).
     CertExpired,
+    /// The agent is shutting down ([`Controls::shutdown`]). `told`: the database's
+    /// message in flight ended within [`CLOSE_GRACE`], so the client was sent FATAL
+    /// 57P01 ([`SHUTDOWN_MESSAGE`]); otherwise it was closed without it.
+    Shutdown { told: bool },
 }
 
 /// Session limits the relay enforces, driven by `tokio::time` (so simulations control
@@ -59,6 +63,9 @@ pub struct Controls {
     /// decides (it returns how much longer to wait, or `None` when expired).
     pub expires_at: Option<Instant>,
     pub check_expired: Option<Arc<dyn Fn() -> Option<Duration> + Send + Sync>>,
+    /// End the session when this turns true (the agent's drain timeout is over): the
+    /// database's message in flight is finished, then the client gets FATAL 57P01.
+    pub shutdown: Option<watch::Receiver<bool>>,
 }
 
 /// Bytes already read from either side during start-up, to be relayed first.
@@ -160,8 +167,8 @@ where
 }
 
 /// [`run`] with events rendered and sent as `events` says, ending the session early as
-/// `controls` say (idle timeout, certificate expiry) with an ErrorResponse to the client
-/// that says why.
+/// `controls` say (idle timeout, certificate expiry, shutdown) with an ErrorResponse to
+/// the client that says why.
 pub async fn run_with_controls<C, S, T, F>(
     client: C,
     server: S,
@@ -180,6 +187,11 @@ where
         stop: Notify::new(),
         last_activity: Mutex::new(Instant::now()),
     };
+    // The database's messages start at a boundary: its greeting ended with ReadyForQuery.
+    let mut closing = Closing {
+        asked: controls.shutdown.clone(),
+        frames: Frames::default(),
+    };
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = tokio::io::split(server);
 
@@ -195,6 +207,7 @@ where
     {
         end = e;
     }
+    closing.frames.advance(&pending_server);
     if end == RelayEnd::Closed
         && !pending_client.is_empty()
         && let Err(e) = shared
@@ -208,35 +221,51 @@ where
     drop((pending_client, pending_server));
     if end == RelayEnd::Closed {
         let halves = async {
-            tokio::join!(
-                half(
-                    &shared,
-                    Side::Client,
-                    &mut client_read,
-                    &mut server_write,
-                    &events
-                ),
-                half(
-                    &shared,
-                    Side::Server,
-                    &mut server_read,
-                    &mut client_write,
-                    &events
-                ),
-            )
+            let up = half(
+                &shared,
+                Side::Client,
+                &mut client_read,
+                &mut server_write,
+                &events,
+                None,
+            );
+            let down = half(
+                &shared,
+                Side::Server,
+                &mut server_read,
+                &mut client_write,
+                &events,
+                Some(&mut closing),
+            );
+            tokio::pin!(up, down);
+            let (mut up_end, mut down_end) = (None, None);
+            while up_end.is_none() || down_end.is_none() {
+                tokio::select! {
+                    biased;
+                    ended = &mut down, if down_end.is_none() => {
+                        // At shutdown the client's direction is not waited for: it may
+                        // be stuck writing to a database nobody reads from any more.
+                        if matches!(ended, RelayEnd::Shutdown { .. }) {
+                            return ended;
+                        }
+                        down_end = Some(ended);
+                    }
+                    ended = &mut up, if up_end.is_none() => up_end = Some(ended),
+                }
+            }
+            // The first failure explains the end; a clean close of both is Closed.
+            [up_end, down_end]
+                .into_iter()
+                .flatten()
+                .find(|e| *e != RelayEnd::Closed)
+                .unwrap_or(RelayEnd::Closed)
         };
         // Dropping the halves mid-way is safe for the audit: a chunk's events are sent
         // before any of its bytes are written, so a cancelled chunk never ran.
         end = tokio::select! {
             biased;
             ended = watchdog(&shared, &controls) => ended,
-            (up, down) = halves => {
-                // The first failure explains the end; a clean close of both is Closed.
-                [up, down]
-                    .into_iter()
-                    .find(|e| *e != RelayEnd::Closed)
-                    .unwrap_or(RelayEnd::Closed)
-            }
+            ended = halves => ended,
         };
     }
     let farewell = match &end {
@@ -258,6 +287,7 @@ where
             "terminating connection: your Postern certificate expired (role option \
              disconnect_expired_cert); run `postern db login` to get a new one, then reconnect",
         )),
+        RelayEnd::Shutdown { told: true } => Some(fatal(ADMIN_SHUTDOWN, SHUTDOWN_MESSAGE)),
         _ => None,
     };
     if let Some(response) = farewell {
@@ -349,6 +379,15 @@ impl Shared {
 pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 /// SQLSTATE 57P01, admin_shutdown: the session was ended from outside.
 pub const ADMIN_SHUTDOWN: &str = "57P01";
+/// What a client reads when the agent ends its session at shutdown.
+pub const SHUTDOWN_MESSAGE: &str = "terminating connection because the Postern database agent \
+     is shutting down; reconnect to continue (another agent serving the database, or this one \
+     once it restarts, will serve you)";
+/// At shutdown, how long a session may take to finish the database's message in flight
+/// before it is closed without the ErrorResponse.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Most bytes read at once while finishing the database's message in flight.
+const FINISH_CHUNK_SIZE: usize = 16 * 1024;
 
 /// A FATAL ErrorResponse with `code` (one PostgreSQL defines that `SqlState` has no
 /// constant for).
@@ -372,6 +411,7 @@ impl std::fmt::Debug for Controls {
         f.debug_struct("Controls")
             .field("idle_timeout", &self.idle_timeout)
             .field("expires_at", &self.expires_at)
+            .field("shutdown", &self.shutdown.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -419,13 +459,16 @@ async fn watchdog(shared: &Shared, controls: &Controls) -> RelayEnd {
     }
 }
 
-/// One direction: read, show the relay, forward; until EOF, an error, or a stop.
+/// One direction: read, show the relay, forward; until EOF, an error, or a stop. The
+/// database's direction gets `closing`: when shutdown is asked, it finishes the message
+/// in flight and ends with [`RelayEnd::Shutdown`].
 async fn half<R, W, T, F>(
     shared: &Shared,
     from: Side,
     read: &mut R,
     write: &mut W,
     events: &EventOut<T, F>,
+    mut closing: Option<&mut Closing>,
 ) -> RelayEnd
 where
     R: AsyncRead + Unpin,
@@ -437,6 +480,15 @@ where
         let chunk = tokio::select! {
             biased;
             () = shared.stop.notified() => return RelayEnd::Closed,
+            () = shutdown_asked(closing.as_deref_mut()) => {
+                shared.stop.notify_one();
+                return match closing {
+                    Some(closing) => {
+                        finish_message(shared, read, write, events, &mut closing.frames).await
+                    }
+                    None => RelayEnd::Shutdown { told: false },
+                };
+            }
             read = buf.read(read) => match read {
                 Ok(chunk) => chunk,
                 Err(e) => {
@@ -455,5 +507,153 @@ where
             shared.stop.notify_one();
             return end;
         }
+        if let Some(closing) = closing.as_deref_mut() {
+            closing.frames.advance(chunk);
+        }
+    }
+}
+
+/// The database's direction at shutdown: the signal, and where its messages end.
+struct Closing {
+    asked: Option<watch::Receiver<bool>>,
+    frames: Frames,
+}
+
+/// Returns once shutdown is asked; never without a signal, or once its sender is gone.
+async fn shutdown_asked(closing: Option<&mut Closing>) {
+    if let Some(asked) = closing.and_then(|closing| closing.asked.as_mut())
+        && let Ok(_asked) = asked.wait_for(|asked| *asked).await
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+/// Relays the rest of the database's message in flight (within [`CLOSE_GRACE`]), so
+/// that the farewell starts at a message boundary. Only whole messages' worth is read:
+/// nothing after the boundary is taken from the database.
+async fn finish_message<R, W, T, F>(
+    shared: &Shared,
+    read: &mut R,
+    write: &mut W,
+    events: &EventOut<T, F>,
+    frames: &mut Frames,
+) -> RelayEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    F: Fn(EventView<'_>) -> T,
+{
+    let finish = async {
+        let mut buf = Vec::new();
+        loop {
+            let left = match frames.to_boundary() {
+                Some(0) => return RelayEnd::Shutdown { told: true },
+                Some(left) => left,
+                None => return RelayEnd::Shutdown { told: false },
+            };
+            buf.resize(left.min(FINISH_CHUNK_SIZE), 0);
+            let n = match read.read(&mut buf).await {
+                Ok(n) if n > 0 => n,
+                _ => return RelayEnd::Shutdown { told: false },
+            };
+            if let Err(end) = shared.forward(Side::Server, &buf[..n], write, events).await {
+                return end;
+            }
+            frames.advance(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(CLOSE_GRACE, finish)
+        .await
+        .unwrap_or(RelayEnd::Shutdown { told: false })
+}
+
+/// Where the database's messages end, by counting: each is a type byte, a 4-byte
+/// big-endian length that counts itself, and the body. Nothing is parsed or kept beyond
+/// the header.
+#[derive(Debug, Default)]
+struct Frames {
+    /// The current message's header bytes seen so far.
+    header: [u8; 5],
+    header_len: usize,
+    /// Body bytes of the current message still to come, once its header is complete.
+    body_left: usize,
+    /// A length below 4 was seen: boundaries are unknown from here on.
+    lost: bool,
+}
+
+impl Frames {
+    /// Accounts for `bytes`, which followed the bytes seen so far.
+    fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.lost {
+            if self.header_len < self.header.len() {
+                let take = (self.header.len() - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + take]
+                    .copy_from_slice(&bytes[..take]);
+                self.header_len += take;
+                bytes = &bytes[take..];
+                if self.header_len == self.header.len() {
+                    let [_, a, b, c, d] = self.header;
+                    match u32::from_be_bytes([a, b, c, d]).checked_sub(4) {
+                        Some(0) => self.header_len = 0,
+                        Some(body) => {
+                            self.body_left = usize::try_from(body).unwrap_or(usize::MAX);
+                        }
+                        None => self.lost = true,
+                    }
+                }
+            } else {
+                let take = self.body_left.min(bytes.len());
+                self.body_left -= take;
+                bytes = &bytes[take..];
+                if self.body_left == 0 {
+                    self.header_len = 0;
+                }
+            }
+        }
+    }
+
+    /// Bytes up to the end of the current message: 0 at a boundary, `None` once
+    /// boundaries are lost.
+    fn to_boundary(&self) -> Option<usize> {
+        if self.lost {
+            None
+        } else if self.header_len == 0 {
+            Some(0)
+        } else if self.header_len < self.header.len() {
+            Some(self.header.len() - self.header_len)
+        } else {
+            Some(self.body_left)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frames;
+
+    // Boundaries are found whatever the reads' sizes, and lost for good after a length
+    // below 4.
+    #[test]
+    fn frames_count_messages_across_reads() {
+        // ReadyForQuery (5 + 1 bytes), then a 3-byte-body DataRow-sized message.
+        let bytes = [b'Z', 0, 0, 0, 5, b'I', b'D', 0, 0, 0, 7, 1, 2, 3];
+        for split in 0..=bytes.len() {
+            let mut frames = Frames::default();
+            frames.advance(&bytes[..split]);
+            let expected = match split {
+                0 | 6 | 14 => 0,
+                1..=4 => 5 - split,
+                5 => 1,
+                7..=10 => 11 - split,
+                _ => 14 - split,
+            };
+            assert_eq!(frames.to_boundary(), Some(expected), "after {split} bytes");
+            frames.advance(&bytes[split..]);
+            assert_eq!(frames.to_boundary(), Some(0));
+        }
+        let mut frames = Frames::default();
+        frames.advance(&[b'D', 0, 0, 0, 3, b'Z', 0, 0, 0, 4]);
+        assert_eq!(frames.to_boundary(), None);
     }
 }

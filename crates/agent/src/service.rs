@@ -8,6 +8,7 @@
 //!       ─► tunnels to every proxy ─► each channel: SessionService::serve, or
 //!          cancel::serve_cancel for channels of kind Cancel
 //! shutdown ─► withdraw announcements ─► refuse new channels ─► drain sessions
+//!          ─► at the drain timeout, end the rest (FATAL 57P01 to each client, audited)
 //!          ─► close tunnels ─► flush the audit spool to auth (bounded wait)
 //! ```
 //!
@@ -60,6 +61,10 @@ pub const KEEPALIVE_PERIOD_DEFAULT: Duration = Duration::from_secs(60);
 pub const ROLES_POLL_PERIOD_DEFAULT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for open sessions to end.
 pub const DRAIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// After the drain timeout, how long the sessions still open have to finish the
+/// database's message in flight ([`crate::relay::CLOSE_GRACE`]), tell their clients
+/// (FATAL 57P01) and send their `db.session.end` before their tasks are stopped.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the audit spool to reach auth.
 pub const AUDIT_FLUSH_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 /// Events queued between sessions and the spool writer.
@@ -745,25 +750,22 @@ impl AgentService {
                 tracing::warn!(database = %name, %error, "cannot withdraw the announcement; it ends with its lease");
             }
         }
-        let drain = async {
-            loop {
-                tokio::select! {
-                    biased;
-                    joined = running.join_next() => if joined.is_none() { break },
-                    // Channels still arriving during the drain are closed unserved.
-                    Some(channel) = channels.recv() => drop(channel),
-                }
-            }
-        };
-        if tokio::time::timeout(timers.drain_timeout, drain)
-            .await
-            .is_err()
-        {
+        if !drain(&mut running, &mut channels, timers.drain_timeout).await {
             tracing::warn!(
                 open = running.len(),
-                "sessions still open after the drain timeout; closing them"
+                "sessions still open after the drain timeout; ending them (FATAL 57P01 to each client)"
             );
-            running.shutdown().await;
+            // Each relay finishes the database's message in flight, tells its client and
+            // sends its end event; a session still starting up, or whose client does
+            // not read, is stopped after the grace.
+            sessions.shut_down_sessions();
+            if !drain(&mut running, &mut channels, SHUTDOWN_GRACE).await {
+                tracing::warn!(
+                    open = running.len(),
+                    "sessions still open after the shutdown grace; closing them"
+                );
+                running.shutdown().await;
+            }
         }
         drop(proxies_tx);
         let _ = tunnel.await;
@@ -846,6 +848,25 @@ struct Started {
     ssh_key: ssh_key::PrivateKey,
     ssh_cert: ssh_key::Certificate,
     host_ca_keys: Vec<ssh_key::PublicKey>,
+}
+
+/// Waits up to `limit` for every session in `running` to end; channels still arriving
+/// meanwhile are closed unserved. True if all ended.
+async fn drain(
+    running: &mut JoinSet<()>,
+    channels: &mut mpsc::Receiver<IncomingChannel>,
+    limit: Duration,
+) -> bool {
+    let drained = async {
+        loop {
+            tokio::select! {
+                biased;
+                joined = running.join_next() => if joined.is_none() { break },
+                Some(channel) = channels.recv() => drop(channel),
+            }
+        }
+    };
+    tokio::time::timeout(limit, drained).await.is_ok()
 }
 
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {

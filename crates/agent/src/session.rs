@@ -46,7 +46,7 @@ use postern_rt::{Connection, Net, Rng, Runtime, WallClock, monotonic_now};
 use postern_tunnel::agent::IncomingChannel;
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -346,6 +346,8 @@ pub struct SessionService<R, C> {
     /// Origin of the monotonic time `issued` counts in.
     origin: Instant,
     audit: mpsc::Sender<AuditEvent>,
+    /// Turned true by [`SessionService::shut_down_sessions`]; every relay watches it.
+    shutdown: watch::Sender<bool>,
     /// Users allowed before, for the planted bug that skips their later role checks.
     #[cfg(feature = "planted-bugs")]
     planted_allowed: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -400,6 +402,7 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             issued: std::sync::Mutex::default(),
             origin: Instant::from_std(monotonic_now()),
             audit,
+            shutdown: watch::Sender::new(false),
             #[cfg(feature = "planted-bugs")]
             planted_allowed: Default::default(),
         }
@@ -422,6 +425,14 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
             .trust
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = trust;
+    }
+
+    /// Ends every relaying session, now and from now on: each finishes the database's
+    /// message in flight, sends the client FATAL 57P01
+    /// ([`crate::relay::SHUTDOWN_MESSAGE`]), and is audited as ended. For the agent's
+    /// shutdown once its drain timeout is over.
+    pub fn shut_down_sessions(&self) {
+        self.shutdown.send_replace(true);
     }
 
     fn trust(&self) -> Arc<UserTrust> {
@@ -700,10 +711,11 @@ impl<R: RoleSource, C: CredentialSource> SessionService<R, C> {
 
     /// The relay's limits from the roles' options: idle timeout, and the end at the
     /// user certificate's expiry (the proxy→agent certificate lives minutes; the user's
-    /// expiry rides in [`SESSION_EXPIRES_TRAIT`]).
+    /// expiry rides in [`SESSION_EXPIRES_TRAIT`]); and the agent's shutdown.
     fn controls(&self, identity: &Identity, options: &SessionOptions) -> Controls {
         let mut controls = Controls {
             idle_timeout: options.client_idle_timeout.filter(|t| !t.is_zero()),
+            shutdown: Some(self.shutdown.subscribe()),
             ..Controls::default()
         };
         if options.disconnect_expired_cert {
@@ -833,6 +845,10 @@ fn relay_end_text(end: &RelayEnd) -> String {
         RelayEnd::CertExpired => {
             "the user's certificate expired (role option disconnect_expired_cert)".to_owned()
         }
+        RelayEnd::Shutdown { told: true } => "the database agent shut down".to_owned(),
+        RelayEnd::Shutdown { told: false } => "the database agent shut down (the client was \
+             closed mid-message, without the ErrorResponse)"
+            .to_owned(),
     }
 }
 

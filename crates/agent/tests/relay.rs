@@ -1,7 +1,8 @@
 //! The agent's relay between a real driver (tokio-postgres) and a real PostgreSQL over
 //! TLS with a client certificate: queries and prepared statements pass unchanged and
 //! each yields its audit event; a pipelined batch larger than the socket buffers does
-//! not deadlock; a client that breaks the protocol gets an error and its session ends.
+//! not deadlock; a client that breaks the protocol gets an error and its session ends;
+//! a shutdown in the middle of a result ends the session at a message boundary.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,8 @@ use std::time::Duration;
 use postern_agent::relay::{self, RelayEnd};
 use postern_agent::upstream::postgres::{Credential, PostgresTarget};
 use postern_agent::upstream::{TlsMode, UpstreamTls};
-use postern_pg::{AuditEvent, Limits, Relay, StartupParams, StartupRequest};
+use postern_pg::audit::EventView;
+use postern_pg::{AuditEvent, BackendMessage, Limits, Relay, StartupParams, StartupRequest};
 use postern_pki::tls::ring_provider;
 use postern_pki::{CaKind, CertAuthority, PrivateKey, UnixTime};
 use postern_rt::{Net, WallClock};
@@ -49,8 +51,18 @@ fn database() -> Database {
 /// database's greeting, then relay.
 async fn agent_session(
     db: &Database,
+    client: DuplexStream,
+    events: mpsc::Sender<AuditEvent>,
+) -> RelayEnd {
+    agent_session_with(db, client, events, relay::Controls::default()).await
+}
+
+/// [`agent_session`] with the relay's `controls`.
+async fn agent_session_with(
+    db: &Database,
     mut client: DuplexStream,
     events: mpsc::Sender<AuditEvent>,
+    controls: relay::Controls,
 ) -> RelayEnd {
     let limits = Limits::default();
     let mut buf = Vec::new();
@@ -107,7 +119,31 @@ async fn agent_session(
         client: buf,
         server: upstream.pending,
     };
-    relay::run(client, upstream.stream, Relay::new(limits), pending, events).await
+    let events = relay::EventOut::new(|event: EventView<'_>| event.to_owned(), events);
+    relay::run_with_controls(
+        client,
+        upstream.stream,
+        Relay::new(limits),
+        pending,
+        events,
+        controls,
+    )
+    .await
+}
+
+/// A StartupMessage for alice on database postgres.
+fn startup_message() -> Vec<u8> {
+    let mut startup = Vec::new();
+    StartupRequest::Startup(postern_pg::frontend::StartupMessage {
+        version: postern_pg::frontend::ProtocolVersion::V3_0,
+        parameters: vec![
+            (b"user".to_vec(), b"alice".to_vec()),
+            (b"database".to_vec(), b"postgres".to_vec()),
+        ],
+    })
+    .encode(&mut startup)
+    .unwrap();
+    startup
 }
 
 async fn driver(stream: DuplexStream) -> tokio_postgres::Client {
@@ -255,17 +291,7 @@ async fn client_protocol_violation_ends_only_the_session_with_an_error() {
     let (tx, _rx) = mpsc::channel(16);
     let agent = tokio::spawn(async move { agent_session(&db, agent_end, tx).await });
 
-    let mut startup = Vec::new();
-    StartupRequest::Startup(postern_pg::frontend::StartupMessage {
-        version: postern_pg::frontend::ProtocolVersion::V3_0,
-        parameters: vec![
-            (b"user".to_vec(), b"alice".to_vec()),
-            (b"database".to_vec(), b"postgres".to_vec()),
-        ],
-    })
-    .encode(&mut startup)
-    .unwrap();
-    client_end.write_all(&startup).await.unwrap();
+    client_end.write_all(&startup_message()).await.unwrap();
     // A message with an unknown tag and a length that is too small.
     client_end.write_all(&[b'~', 0, 0, 0, 1]).await.unwrap();
     let mut received = Vec::new();
@@ -279,4 +305,66 @@ async fn client_protocol_violation_ends_only_the_session_with_an_error() {
         .expect("an ErrorResponse");
     assert!(received[..error_at].contains(&b'Z'));
     assert!(String::from_utf8_lossy(&received[error_at..]).contains("FATAL"));
+}
+
+// Shutdown asked while 100 kB rows stream by: the relay finishes the database's message
+// in flight, then sends FATAL 57P01, so what the client receives parses as whole
+// messages that end with that ErrorResponse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_row_ends_the_session_at_a_message_boundary() {
+    let db = database();
+    let (mut client_end, agent_end) = tokio::io::duplex(16 * 1024);
+    let (tx, _rx) = mpsc::channel(1024);
+    let (shutdown, asked) = tokio::sync::watch::channel(false);
+    let controls = relay::Controls {
+        shutdown: Some(asked),
+        ..relay::Controls::default()
+    };
+    let agent = tokio::spawn(async move { agent_session_with(&db, agent_end, tx, controls).await });
+
+    client_end.write_all(&startup_message()).await.unwrap();
+    let sql = b"select repeat('x', 100000) from generate_series(1, 1000)\0";
+    let mut query = vec![b'Q'];
+    query.extend_from_slice(&(4 + sql.len() as u32).to_be_bytes());
+    query.extend_from_slice(sql);
+    client_end.write_all(&query).await.unwrap();
+    // Well into the rows (about 3.5 of them), then the shutdown.
+    let mut received = Vec::new();
+    while received.len() < 350_000 {
+        assert!(client_end.read_buf(&mut received).await.unwrap() > 0);
+    }
+    shutdown.send_replace(true);
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        client_end.read_to_end(&mut received),
+    )
+    .await
+    .expect("the session ends")
+    .unwrap();
+    assert_eq!(agent.await.unwrap(), RelayEnd::Shutdown { told: true });
+
+    let limits = Limits::default();
+    let mut messages = Vec::new();
+    let mut at = 0;
+    while at < received.len() {
+        let (message, used) = BackendMessage::decode_from(&received[at..], &limits)
+            .unwrap()
+            .expect("only whole messages");
+        messages.push(message);
+        at += used;
+    }
+    let rows = messages
+        .iter()
+        .filter(|m| matches!(m, BackendMessage::DataRow(_)))
+        .count();
+    assert!((3..1000).contains(&rows), "{rows} rows");
+    let Some(BackendMessage::ErrorResponse(fields)) = messages.last() else {
+        panic!(
+            "the last message is not an ErrorResponse: {:?}",
+            messages.last()
+        );
+    };
+    assert_eq!(fields.severity(), Some(&b"FATAL"[..]));
+    assert_eq!(fields.code(), Some(&b"57P01"[..]));
+    assert_eq!(fields.message(), Some(relay::SHUTDOWN_MESSAGE.as_bytes()));
 }

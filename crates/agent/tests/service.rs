@@ -3,16 +3,18 @@
 //! cluster's database CA, and tokio-postgres playing the client behind the proxy.
 //! The agent joins with a token, gets its SSH certificate, announces its database with
 //! static and dynamic labels, holds the tunnel, authorizes with roles it polls from
-//! auth, ships audit events through its spool, and withdraws on shutdown.
+//! auth, ships audit events through its spool, withdraws on shutdown, and ends the
+//! sessions still open at the drain timeout with FATAL 57P01.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use postern_agent::relay::SHUTDOWN_MESSAGE;
 use postern_agent::service::{
-    AgentService, AgentServiceConfig, AgentTimers, DatabaseConfig, DatabaseTls, DynamicLabel,
-    HostMaterial,
+    AgentError, AgentService, AgentServiceConfig, AgentTimers, DatabaseConfig, DatabaseTls,
+    DynamicLabel, HostMaterial,
 };
 use postern_auth::api;
 use postern_auth::audit::{AuditEvent, AuditLog, AuditQuery, MemoryAuditLog};
@@ -23,13 +25,15 @@ use postern_auth::role::parse_role_file;
 use postern_auth::server::{AuthConfig, AuthServer, TokenKind};
 use postern_auth::user::{PasswordCost, Traits};
 use postern_pki::tls::{mtls_client_config, ring_provider};
-use postern_pki::{CaKind, PrivateKey, Purpose};
+use postern_pki::{CaKind, IssuedCert, PrivateKey, Purpose, VerifiedHost};
 use postern_rt::{Net, Rng, Runtime, WallClock};
 use postern_testkit::{PostgresOptions, PostgresServer, ServerTls};
 use postern_tunnel::{ChannelRequest, ProxyConfig, ProxyTunnels};
 use prometheus_client::registry::Registry;
 use rustls_pki_types::ServerName;
 use time::OffsetDateTime;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 type Auth = Arc<AuthServer<MemoryBackend, MemoryAuditLog>>;
 const PASSWORD: &str = "correct horse battery staple";
@@ -89,10 +93,7 @@ async fn auth_server(log: MemoryAuditLog) -> Auth {
 }
 
 /// A proxy's tunnel server, its host and SSH certificates from the auth server.
-async fn proxy(
-    auth: &Auth,
-    runtime: &Runtime,
-) -> (ProxyTunnels, String, postern_pki::VerifiedHost) {
+async fn proxy(auth: &Auth, runtime: &Runtime) -> (ProxyTunnels, String, VerifiedHost) {
     let token = auth
         .create_join_token("root", TokenKind::Proxy, Duration::from_secs(60))
         .await
@@ -144,169 +145,203 @@ async fn query_events(log: &MemoryAuditLog, event: &str) -> Vec<AuditEvent> {
     log.search(&query).await.unwrap()
 }
 
-// The whole service: join, announce with labels (dynamic from a command), tunnel, a
-// session authorized by polled roles and audited through the spool to auth, a role
-// change that applies to the next session, metrics, and withdrawal at shutdown.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_service_end_to_end() {
-    let log = MemoryAuditLog::new();
-    let auth = auth_server(log.clone()).await;
-    let listener = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
-    let auth_addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(api::serve(
-        Arc::clone(&auth),
-        listener,
-        vec!["auth.svc".into()],
-    ));
+/// Everything around the agent: the auth API (memory backend), a PostgreSQL that takes
+/// certificates from the cluster's database CA, and a proxy's tunnel server.
+struct Cluster {
+    log: MemoryAuditLog,
+    auth: Auth,
+    auth_addr: String,
+    db: PostgresServer,
+    _storage: tempfile::TempDir,
+    runtime: Runtime,
+    tunnels: ProxyTunnels,
+    tunnel_addr: String,
+    proxy_host: VerifiedHost,
+}
 
-    // PostgreSQL with a server certificate from the cluster's database CA.
-    let files = auth
-        .sign_db_server(
-            "root",
-            &["localhost".into()],
-            Duration::from_secs(24 * 3600),
+type Session = (
+    tokio_postgres::Client,
+    JoinHandle<Result<(), tokio_postgres::Error>>,
+);
+
+impl Cluster {
+    async fn start() -> Self {
+        let log = MemoryAuditLog::new();
+        let auth = auth_server(log.clone()).await;
+        let listener = Net::Tokio.listen("127.0.0.1:0").await.unwrap();
+        let auth_addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(api::serve(
+            Arc::clone(&auth),
+            listener,
+            vec!["auth.svc".into()],
+        ));
+
+        // PostgreSQL with a server certificate from the cluster's database CA.
+        let files = auth
+            .sign_db_server(
+                "root",
+                &["localhost".into()],
+                Duration::from_secs(24 * 3600),
+            )
+            .await
+            .unwrap();
+        let db = PostgresServer::start(PostgresOptions {
+            tls: Some(ServerTls {
+                cert_pem: files.server_crt,
+                key_pem: files.server_key,
+                client_ca_pem: files.server_cas,
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        db.psql("postgres", "create role alice login").unwrap();
+
+        let storage = tempfile::tempdir().unwrap();
+        let runtime = Runtime::from_parts(
+            Net::Tokio,
+            WallClock::system(),
+            Rng::from_seed(21),
+            storage.path().to_owned(),
+        );
+        let (tunnels, tunnel_addr, proxy_host) = proxy(&auth, &runtime).await;
+        Cluster {
+            log,
+            auth,
+            auth_addr,
+            db,
+            _storage: storage,
+            runtime,
+            tunnels,
+            tunnel_addr,
+            proxy_host,
+        }
+    }
+
+    /// An agent that joins with a fresh token, serves "orders" (env = dev static, tier =
+    /// gold from a command) and dials the proxy.
+    async fn agent_config(&self, timers: AgentTimers) -> AgentServiceConfig {
+        let host_ca_pem: String = self
+            .auth
+            .ca_status(CaKind::Host)
+            .await
+            .unwrap()
+            .trusted
+            .iter()
+            .map(|ca| ca.to_pem())
+            .collect();
+        let token = self
+            .auth
+            .create_join_token("root", TokenKind::Db, Duration::from_secs(60))
+            .await
+            .unwrap();
+        AgentServiceConfig {
+            cluster: "svc".into(),
+            host_id: "agent-1".into(),
+            auth_addr: self.auth_addr.clone(),
+            auth_server_name: "auth.svc".into(),
+            auth_ca_pem: host_ca_pem,
+            host: HostMaterial::JoinToken(token),
+            proxies: vec![self.tunnel_addr.clone()],
+            databases: vec![DatabaseConfig {
+                name: "orders".into(),
+                description: "orders db".into(),
+                protocol: Protocol::Postgres,
+                uri: format!("localhost:{}", self.db.port()),
+                ca_cert_file: None,
+                tls: DatabaseTls::default(),
+                aws_region: None,
+                static_labels: BTreeMap::from([("env".into(), "dev".into())]),
+                dynamic_labels: BTreeMap::from([(
+                    "tier".into(),
+                    DynamicLabel {
+                        command: vec!["echo".into(), "gold".into()],
+                        period: Duration::from_secs(1),
+                    },
+                )]),
+            }],
+            timers,
+            aws_credentials: None,
+        }
+    }
+
+    /// Waits until the agent announced "orders" with both labels and holds the tunnel.
+    async fn wait_announced(&self) {
+        wait_for(
+            async || {
+                self.auth
+                    .servers_of("orders")
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|s| {
+                        s.database.labels.get("tier").map(String::as_str) == Some("gold")
+                            && s.database.labels.get("env").map(String::as_str) == Some("dev")
+                    })
+            },
+            "the announcement with both labels",
         )
-        .await
-        .unwrap();
-    let db = PostgresServer::start(PostgresOptions {
-        tls: Some(ServerTls {
-            cert_pem: files.server_crt,
-            key_pem: files.server_key,
-            client_ca_pem: files.server_cas,
-        }),
-        ..Default::default()
-    })
-    .unwrap();
-    db.psql("postgres", "create role alice login").unwrap();
-
-    let storage = tempfile::tempdir().unwrap();
-    let runtime = Runtime::from_parts(
-        Net::Tokio,
-        WallClock::system(),
-        Rng::from_seed(21),
-        storage.path().to_owned(),
-    );
-    let (tunnels, tunnel_addr, proxy_host) = proxy(&auth, &runtime).await;
-
-    let host_ca_pem: String = auth
-        .ca_status(CaKind::Host)
-        .await
-        .unwrap()
-        .trusted
-        .iter()
-        .map(|ca| ca.to_pem())
-        .collect();
-    let token = auth
-        .create_join_token("root", TokenKind::Db, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let config = AgentServiceConfig {
-        cluster: "svc".into(),
-        host_id: "agent-1".into(),
-        auth_addr: auth_addr.clone(),
-        auth_server_name: "auth.svc".into(),
-        auth_ca_pem: host_ca_pem,
-        host: HostMaterial::JoinToken(token),
-        proxies: vec![tunnel_addr],
-        databases: vec![DatabaseConfig {
-            name: "orders".into(),
-            description: "orders db".into(),
-            protocol: Protocol::Postgres,
-            uri: format!("localhost:{}", db.port()),
-            ca_cert_file: None,
-            tls: DatabaseTls::default(),
-            aws_region: None,
-            static_labels: BTreeMap::from([("env".into(), "dev".into())]),
-            dynamic_labels: BTreeMap::from([(
-                "tier".into(),
-                DynamicLabel {
-                    command: vec!["echo".into(), "gold".into()],
-                    period: Duration::from_secs(1),
-                },
-            )]),
-        }],
-        timers: AgentTimers {
-            roles_poll_period: Duration::from_millis(200),
-            drain_timeout: Duration::from_secs(5),
-            ..AgentTimers::default()
-        },
-        aws_credentials: None,
-    };
-    let service = AgentService::new(runtime.clone(), config).unwrap();
-    let mut registry = Registry::default();
-    service.register_metrics(&mut registry);
-    let metrics = service.metrics().clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(service.run(async move {
-        let _ = stopped.await;
-    }));
-
-    // Announced, with the dynamic label, and the tunnel is up.
-    wait_for(
-        async || {
-            auth.servers_of("orders").await.unwrap().iter().any(|s| {
-                s.database.labels.get("tier").map(String::as_str) == Some("gold")
-                    && s.database.labels.get("env").map(String::as_str) == Some("dev")
-            })
-        },
-        "the announcement with both labels",
-    )
-    .await;
-    wait_for(
-        async || tunnels.candidates("orders").len() == 1,
-        "the tunnel",
-    )
-    .await;
-    wait_for(
-        async || metrics.tunnels_connected.get() == 1,
-        "the tunnel metric",
-    )
-    .await;
-
-    // A user session, the proxy's way: user cert → routed cert → proxy→agent cert.
-    let user_key = PrivateKey::generate().unwrap();
-    let source: IpAddr = "127.0.0.1".parse().unwrap();
-    let login = auth
-        .login(
-            "alice",
-            PASSWORD,
-            None,
-            source,
-            &user_key.public_key(),
-            None,
+        .await;
+        wait_for(
+            async || self.tunnels.candidates("orders").len() == 1,
+            "the tunnel",
         )
-        .await
-        .unwrap();
-    let validator = auth.validator().await.unwrap();
-    let now = WallClock::system().now();
-    let caller = validator
-        .verify_identity(login.cert.der(), Purpose::UserLogin, now)
-        .unwrap();
-    let routed = auth
-        .reissue_for_database(
-            &caller,
-            "orders",
-            "alice",
-            "postgres",
-            &user_key.public_key(),
-        )
-        .await
-        .unwrap();
-    let session = async |tunnels: &ProxyTunnels| {
-        let candidate = tunnels.candidates("orders")[0].clone();
-        let channel = tunnels
+        .await;
+    }
+
+    /// alice's certificate for "orders" as db user alice, the way `postern db login`
+    /// gets it: a login certificate, then one routed to the database.
+    async fn routed(&self) -> IssuedCert {
+        let user_key = PrivateKey::generate().unwrap();
+        let source: IpAddr = "127.0.0.1".parse().unwrap();
+        let login = self
+            .auth
+            .login(
+                "alice",
+                PASSWORD,
+                None,
+                source,
+                &user_key.public_key(),
+                None,
+            )
+            .await
+            .unwrap();
+        let validator = self.auth.validator().await.unwrap();
+        let now = WallClock::system().now();
+        let caller = validator
+            .verify_identity(login.cert.der(), Purpose::UserLogin, now)
+            .unwrap();
+        self.auth
+            .reissue_for_database(
+                &caller,
+                "orders",
+                "alice",
+                "postgres",
+                &user_key.public_key(),
+            )
+            .await
+            .unwrap()
+    }
+
+    /// A user session, the proxy's way: a channel, a proxy→agent certificate from the
+    /// routed one, mutual TLS, then tokio-postgres. Returns the client and its
+    /// connection task.
+    async fn session(&self, routed: &IssuedCert) -> Result<Session, tokio_postgres::Error> {
+        let candidate = self.tunnels.candidates("orders")[0].clone();
+        let channel = self
+            .tunnels
             .open_channel(candidate.tunnel, &ChannelRequest::session("orders", None))
             .await
             .unwrap();
         let access_key = PrivateKey::generate().unwrap();
-        let (_, access) = auth
-            .issue_db_access(&proxy_host, routed.der(), &access_key.public_key())
+        let (_, access) = self
+            .auth
+            .issue_db_access(&self.proxy_host, routed.der(), &access_key.public_key())
             .await
             .unwrap();
         let tls = mtls_client_config(
             vec![access.der().clone()],
             access_key.to_rustls(),
-            &auth.ca_status(CaKind::Host).await.unwrap().trusted,
+            &self.auth.ca_status(CaKind::Host).await.unwrap().trusted,
             ring_provider(),
             Arc::new(WallClock::system()),
         )
@@ -321,12 +356,49 @@ async fn agent_service_end_to_end() {
             .ssl_mode(tokio_postgres::config::SslMode::Disable)
             .connect_raw(stream, tokio_postgres::NoTls)
             .await
-            .map(|(client, connection)| {
-                tokio::spawn(connection);
-                client
-            })
-    };
-    let client = session(&tunnels).await.unwrap();
+            .map(|(client, connection)| (client, tokio::spawn(connection)))
+    }
+}
+
+/// Runs `service` until the returned sender fires.
+fn run(service: AgentService) -> (oneshot::Sender<()>, JoinHandle<Result<(), AgentError>>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let agent = tokio::spawn(service.run(async move {
+        let _ = stopped.await;
+    }));
+    (stop, agent)
+}
+
+// The whole service: join, announce with labels (dynamic from a command), tunnel, a
+// session authorized by polled roles and audited through the spool to auth, a role
+// change that applies to the next session, metrics, and withdrawal at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_service_end_to_end() {
+    let cluster = Cluster::start().await;
+    let (auth, log) = (&cluster.auth, &cluster.log);
+    let config = cluster
+        .agent_config(AgentTimers {
+            roles_poll_period: Duration::from_millis(200),
+            drain_timeout: Duration::from_secs(5),
+            ..AgentTimers::default()
+        })
+        .await;
+    let service = AgentService::new(cluster.runtime.clone(), config).unwrap();
+    let mut registry = Registry::default();
+    service.register_metrics(&mut registry);
+    let metrics = service.metrics().clone();
+    let (stop, agent) = run(service);
+
+    // Announced, with the dynamic label, and the tunnel is up.
+    cluster.wait_announced().await;
+    wait_for(
+        async || metrics.tunnels_connected.get() == 1,
+        "the tunnel metric",
+    )
+    .await;
+
+    let routed = cluster.routed().await;
+    let (client, _connection) = cluster.session(&routed).await.unwrap();
     let rows = client
         .simple_query("select 'through the service'")
         .await
@@ -334,11 +406,11 @@ async fn agent_service_end_to_end() {
     assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("through the service"))));
     drop(client);
     wait_for(
-        async || !query_events(&log, "db.session.end").await.is_empty(),
+        async || !query_events(log, "db.session.end").await.is_empty(),
         "the session's events at auth",
     )
     .await;
-    let queries = query_events(&log, "db.session.query").await;
+    let queries = query_events(log, "db.session.query").await;
     assert!(
         queries
             .iter()
@@ -348,7 +420,7 @@ async fn agent_service_end_to_end() {
         "{queries:#?}"
     );
     assert_eq!(
-        query_events(&log, "db.session.start").await[0].code,
+        query_events(log, "db.session.start").await[0].code,
         "TDB00I"
     );
 
@@ -358,8 +430,10 @@ async fn agent_service_end_to_end() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let refused = session(&tunnels)
+    let refused = cluster
+        .session(&routed)
         .await
+        .map(|_| ())
         .expect_err("the role no longer matches");
     let db_error = refused.as_db_error().expect("an ErrorResponse");
     assert_eq!(db_error.code().code(), "28000");
@@ -385,7 +459,7 @@ async fn agent_service_end_to_end() {
     assert!(auth.servers_of("orders").await.unwrap().is_empty());
     wait_for(
         async || {
-            query_events(&log, "db.session.start")
+            query_events(log, "db.session.start")
                 .await
                 .iter()
                 .any(|e| e.code == "TDB00W")
@@ -393,6 +467,76 @@ async fn agent_service_end_to_end() {
         "the refusal at auth",
     )
     .await;
+}
+
+// A session still open when the drain timeout ends is ended by the agent with FATAL
+// 57P01 saying the agent is shutting down and to reconnect (as the proxy does at its
+// own shutdown), and its db.session.end still reaches auth. During the drain it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_ends_open_sessions_with_57p01() {
+    let cluster = Cluster::start().await;
+    let drain_timeout = Duration::from_secs(2);
+    let config = cluster
+        .agent_config(AgentTimers {
+            drain_timeout,
+            ..AgentTimers::default()
+        })
+        .await;
+    let (stop, agent) = run(AgentService::new(cluster.runtime.clone(), config).unwrap());
+    cluster.wait_announced().await;
+    let routed = cluster.routed().await;
+    let (client, connection) = cluster.session(&routed).await.unwrap();
+    client.simple_query("select 1").await.unwrap();
+
+    stop.send(()).unwrap();
+    let stopping = tokio::time::Instant::now();
+    client
+        .simple_query("select 'during the drain'")
+        .await
+        .expect("sessions keep working during the drain");
+    let ended = tokio::time::timeout(Duration::from_secs(20), connection)
+        .await
+        .expect("the session is ended")
+        .unwrap();
+    let waited = stopping.elapsed();
+    let error = ended.expect_err("the session ends with an ErrorResponse");
+    let db = error.as_db_error().expect("a PostgreSQL ErrorResponse");
+    assert_eq!((db.severity(), db.code().code()), ("FATAL", "57P01"));
+    assert_eq!(db.message(), SHUTDOWN_MESSAGE);
+    assert!(
+        db.message()
+            .contains("Postern database agent is shutting down")
+            && db.message().contains("reconnect"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        waited >= drain_timeout - Duration::from_millis(100),
+        "ended after {waited:?}, before the drain timeout"
+    );
+    tokio::time::timeout(Duration::from_secs(30), agent)
+        .await
+        .expect("the agent stops")
+        .unwrap()
+        .unwrap();
+    wait_for(
+        async || {
+            query_events(&cluster.log, "db.session.end")
+                .await
+                .iter()
+                .any(|e| e.error.as_deref() == Some("the database agent shut down"))
+        },
+        "the session's end at auth",
+    )
+    .await;
+    let queries = query_events(&cluster.log, "db.session.query").await;
+    assert!(
+        queries
+            .iter()
+            .any(|e| e.fields.get("query").and_then(|q| q.as_str())
+                == Some("select 'during the drain'")),
+        "{queries:#?}"
+    );
 }
 
 fn registry_text(registry: &Registry) -> String {
