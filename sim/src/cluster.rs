@@ -1097,37 +1097,13 @@ fn check(
             entry.1 += 1;
         }
     }
-    // An Execute whose statement's ParseComplete never came back (the session was cut
-    // with the batch in flight) carries no SQL text; the audit trail still says what
-    // ran, through the session's Parse before it, and that is how it is read here.
-    let mut parsed: BTreeMap<&str, Vec<(Duration, &str)>> = BTreeMap::new();
-    for a in &audited {
-        if a.event == "db.session.postgres.statements.parse"
-            && let (Some(session), Some(query)) = (&a.session_id, &a.query)
-        {
-            parsed.entry(session).or_default().push((a.at, query));
-        }
-    }
-    for list in parsed.values_mut() {
-        list.sort();
-    }
     for a in &audited {
         if !statement_events.contains(&a.event.as_str()) {
             continue;
         }
-        let query = a.query.clone().or_else(|| {
-            let session = a.session_id.as_deref()?;
-            let (_, text) = parsed.get(session)?.iter().rfind(|(at, _)| *at <= a.at)?;
-            world.record_at(
-                a.at,
-                "check",
-                format!(
-                    "note: {} {} has no SQL text; read from its session's Parse: {text}",
-                    a.event, a.id
-                ),
-            );
-            Some((*text).to_owned())
-        });
+        // The relay names the SQL of every statement event, also of a batch cut before its
+        // answers came back (regression seed 26).
+        let query = a.query.clone();
         if let (Some(db), Some(db_user), Some(query)) = (&a.db_service, &a.db_user, query)
             && let Some((count, _)) = wanted.get_mut(&(db.clone(), db_user.clone(), query))
         {
