@@ -18,17 +18,17 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use base64::Engine as _;
-use postern_auth::api::{JoinRequest, SshCertRequest};
+use postern_auth::api::JoinRequest;
 use postern_auth::audit::{AuditEvent, AuditLog, AuditQuery, MemoryAuditLog};
 use postern_auth::backend::MemoryBackend;
 use postern_auth::client::AuthClient;
 use postern_auth::limiter::LoginLimits;
 use postern_auth::server::{AuthConfig, AuthServer, TokenKind};
 use postern_auth::user::PasswordCost;
-use postern_pki::ssh::ssh_key;
 use postern_pki::{CaKind, IssuedCert, PrivateKey, TrustedCa, VerifiedIdentity};
 use postern_proxy::dispatch::DbAccessSigner;
-use postern_proxy::service::{Listen, ProxyLimits, ProxyService, ProxyServiceConfig};
+use postern_proxy::service::{Listen, ProxyLimits, ProxyService};
+use postern_proxy::start::{AuthApi, FromAuth, ProxySettings, configure_from_auth};
 use postern_rt::{Blocking, Net, Rng, Runtime, WallClock};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -395,37 +395,7 @@ async fn build_proxy(
             saved
         }
     };
-    let cert = IssuedCert::from_pem(&cert_pem)?;
-    let key = PrivateKey::from_pem(&key_pem)?;
-    let auth = AuthClient::new(
-        *runtime.net(),
-        &addr(),
-        SERVER_NAME,
-        &auth_cas,
-        Some((cert.der().clone(), key.to_rustls())),
-        clock,
-    )?;
-    let trusted = TrustedCa::from_pem_bundle(&auth.cas().await?)?;
-    let ssh_key = postern_pki::ssh::generate_ssh_key()?;
-    let ssh = auth
-        .ssh_cert(&SshCertRequest {
-            public_key: ssh_key.public_key().to_openssh()?,
-        })
-        .await?;
-    let ssh_cert = ssh_key::Certificate::from_openssh(&ssh.cert)?;
-    let host_ca_ssh_keys = ssh
-        .host_ca_keys
-        .iter()
-        .map(|k| ssh_key::PublicKey::from_openssh(k))
-        .collect::<Result<Vec<_>, _>>()?;
-    let of_kind = |kind: CaKind| -> Vec<TrustedCa> {
-        trusted
-            .iter()
-            .filter(|ca| ca.kind() == kind)
-            .cloned()
-            .collect()
-    };
-    let config = ProxyServiceConfig {
+    let settings = ProxySettings {
         cluster: CLUSTER.to_owned(),
         listen: Listen {
             postgres: format!("0.0.0.0:{}", host.postgres_port),
@@ -433,24 +403,22 @@ async fn build_proxy(
             tunnel: format!("0.0.0.0:{}", host.tunnel_port),
         },
         auth_api_addr: None,
-        host_cert: cert,
-        host_key: key,
-        ssh_key,
-        ssh_cert,
-        user_cas: of_kind(CaKind::User),
-        host_cas: of_kind(CaKind::Host),
-        host_ca_ssh_keys,
         limits: ProxyLimits::default(),
     };
+    let api = AuthApi {
+        addr: &addr(),
+        server_name: SERVER_NAME,
+        cas: &auth_cas,
+    };
+    let cert = IssuedCert::from_pem(&cert_pem)?;
+    let key = PrivateKey::from_pem(&key_pem)?;
+    let FromAuth { config, auth } = configure_from_auth(runtime, api, cert, key, settings).await?;
+    let user_cas = config.user_cas.clone();
     let signer = ApiSigner {
         auth: auth.clone(),
         proxy: host.name.clone(),
         clock: runtime.clock().clone(),
         world: world.clone(),
     };
-    Ok((
-        ProxyService::new(runtime, config, signer)?,
-        auth,
-        of_kind(CaKind::User),
-    ))
+    Ok((ProxyService::new(runtime, config, signer)?, auth, user_cas))
 }

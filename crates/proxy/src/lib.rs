@@ -21,7 +21,9 @@
 //! - [`cancel`]: the sans-IO table of running sessions by cancel key, so a CancelRequest
 //!   on a new connection reaches the agent of the session it names;
 //! - [`service`]: listeners (PostgreSQL, web with TLS routing, tunnel), per-user limits,
-//!   metrics, graceful drain.
+//!   metrics, graceful drain;
+//! - [`start`]: the service's configuration from the auth server, once the proxy holds
+//!   its host certificate (`postern start` and the simulator both start proxies so).
 
 pub mod cancel;
 pub mod client_auth;
@@ -30,6 +32,7 @@ pub mod limits;
 pub mod postgres;
 pub mod route;
 pub mod service;
+pub mod start;
 mod sync;
 
 pub use service::{Listen, LocalAddrs, ProxyError, ProxyLimits, ProxyService, ProxyServiceConfig};

@@ -157,6 +157,10 @@ pub enum ProxyError {
     Tls(#[from] TlsSetupError),
     #[error("cannot set up the tunnel server: {0}")]
     Tunnel(#[from] postern_tunnel::Error),
+    /// Starting from the auth server ([`crate::start`]): a call failed, or what it
+    /// answered is unusable.
+    #[error("cannot get {what} from the auth service: {reason}")]
+    Auth { what: &'static str, reason: String },
     #[error("cannot listen on {addr} ({listener} port): {source}; is another process using it?")]
     Bind {
         listener: &'static str,

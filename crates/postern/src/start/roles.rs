@@ -16,7 +16,6 @@ use postern_agent::service::{
     HostMaterial,
 };
 use postern_agent::upstream::TlsMode;
-use postern_auth::api::SshCertRequest;
 use postern_auth::audit::{AuditLog, FileAuditLog, PostgresAuditLog};
 use postern_auth::backend::{Backend, PostgresBackend, SqliteBackend};
 use postern_auth::client::AuthClient;
@@ -24,10 +23,10 @@ use postern_auth::database::Protocol;
 use postern_auth::server::{AuthConfig, AuthServer, TokenKind};
 use postern_auth::signing::HostCert;
 use postern_auth::user::PasswordCost;
-use postern_pki::ssh::ssh_key;
 use postern_pki::{CaKind, IssuedCert, PrivateKey, TrustedCa, VerifiedIdentity};
 use postern_proxy::dispatch::DbAccessSigner;
-use postern_proxy::service::{Listen, ProxyLimits, ProxyService, ProxyServiceConfig};
+use postern_proxy::service::{Listen, ProxyLimits, ProxyService};
+use postern_proxy::start::{AuthApi, FromAuth, ProxySettings, configure_from_auth};
 use postern_rt::Runtime;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -636,63 +635,15 @@ async fn build_proxy<L: LocalAuth>(
     )
     .await?;
     let auth_cas = TrustedCa::from_pem_bundle(&joined.auth_ca_pem)?;
-    let clock = Arc::new(runtime.clock().clone());
-    let auth = AuthClient::new(
-        *runtime.net(),
-        &joined.auth_addr,
-        &joined.auth_server_name,
-        &auth_cas,
-        Some((joined.cert.der().clone(), joined.key.to_rustls())),
-        clock,
-    )?;
-    // Every CA the cluster trusts now (both of a kind while it rotates).
-    let trusted = TrustedCa::from_pem_bundle(
-        &auth
-            .cas()
-            .await
-            .map_err(|error| format!("proxy: the cluster's CAs: {error}"))?,
-    )?;
-    let ssh_key = postern_pki::ssh::generate_ssh_key()?;
-    let public_ssh = ssh_key
-        .public_key()
-        .to_openssh()
-        .map_err(|error| format!("proxy SSH key: {error}"))?;
-    let ssh = auth
-        .ssh_cert(&SshCertRequest {
-            public_key: public_ssh,
-        })
-        .await
-        .map_err(|error| format!("proxy SSH certificate: {error}"))?;
-    let bad_ssh = |error: ssh_key::Error| format!("SSH certificate from auth: {error}");
-    let ssh_cert = ssh_key::Certificate::from_openssh(&ssh.cert).map_err(bad_ssh)?;
-    let host_ca_ssh_keys = ssh
-        .host_ca_keys
-        .iter()
-        .map(|k| ssh_key::PublicKey::from_openssh(k).map_err(bad_ssh))
-        .collect::<Result<Vec<_>, _>>()?;
-    let of_kind = |kind: CaKind| -> Vec<TrustedCa> {
-        trusted
-            .iter()
-            .filter(|ca| ca.kind() == kind)
-            .cloned()
-            .collect()
-    };
     let limits = &section.limits;
-    let config = ProxyServiceConfig {
+    let settings = ProxySettings {
         cluster: joined.cluster,
         listen: Listen {
             postgres: section.listen_postgres.0.to_string(),
             web: Some(section.listen_web.0.to_string()),
             tunnel: section.listen_tunnel.0.to_string(),
         },
-        auth_api_addr: Some(joined.auth_addr),
-        host_cert: joined.cert,
-        host_key: joined.key,
-        ssh_key,
-        ssh_cert,
-        user_cas: of_kind(CaKind::User),
-        host_cas: of_kind(CaKind::Host),
-        host_ca_ssh_keys,
+        auth_api_addr: Some(joined.auth_addr.clone()),
         limits: ProxyLimits {
             handshake_timeout: limits.handshake_timeout.0,
             connections_per_user_max: usize::try_from(limits.connections_per_user)
@@ -701,6 +652,15 @@ async fn build_proxy<L: LocalAuth>(
             ..ProxyLimits::default()
         },
     };
+    let api = AuthApi {
+        addr: &joined.auth_addr,
+        server_name: &joined.auth_server_name,
+        cas: &auth_cas,
+    };
+    let FromAuth { config, auth } =
+        configure_from_auth(runtime, api, joined.cert, joined.key, settings)
+            .await
+            .map_err(|error| format!("proxy: {error}"))?;
     let user_cas = config.user_cas.clone();
     let signer = ApiSigner { auth: auth.clone() };
     Ok(BuiltProxy {
