@@ -7,13 +7,18 @@
 //!
 //! Both servers refuse to run as root, so when the test runs as root the server runs as
 //! the `postgres` or `mysql` system user (through `runuser`) in a folder owned by it.
+//!
+//! [`Psql`] runs the real `psql` against them (or against Postern) the same way in every
+//! test.
 
 mod mariadb;
 mod postgres;
 mod process;
+mod psql;
 
 pub use mariadb::{MariaDbOptions, MariaDbServer};
 pub use postgres::{PostgresOptions, PostgresServer, TcpAuth};
+pub use psql::{PSQL_TIMEOUT_DEFAULT, Psql};
 
 /// Certificate material for a server with TLS: PEM text.
 #[derive(Clone, Debug)]

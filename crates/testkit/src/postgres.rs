@@ -3,16 +3,16 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::ServerTls;
 use crate::process::{
-    Account, account, chown_tree, command_as, port_open, run, running_as_root, wait_until,
-    write_private,
+    Account, account, chown_tree, command_as, port_open, run, running_as_root, succeeded,
+    wait_until, write_private,
 };
+use crate::{Psql, ServerTls};
 
 /// How to start a [`PostgresServer`].
 #[derive(Clone, Debug, Default)]
@@ -174,29 +174,19 @@ impl PostgresServer {
     /// Runs SQL as the superuser over the Unix socket; returns unaligned, tuples-only
     /// output.
     pub fn psql(&self, database: &str, sql: &str) -> io::Result<String> {
-        let mut cmd = Command::new(self.bin.join("psql"));
-        if !self.bin.join("psql").exists() {
-            cmd = Command::new("psql");
-        }
-        cmd.args([
-            "-X",
-            "-q",
-            "-t",
-            "-A",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-U",
-            "postgres",
-        ])
-        .arg("-h")
-        .arg(self.dir.path())
-        .arg("-p")
-        .arg(self.port.to_string())
-        .arg("-d")
-        .arg(database)
-        .arg("-c")
-        .arg(sql);
-        run(cmd, "psql").map(|out| out.trim_end().to_owned())
+        let program = self.bin.join("psql");
+        let psql = if program.exists() {
+            Psql::new().program(program)
+        } else {
+            Psql::new()
+        };
+        let out = psql
+            .host(self.dir.path().display())
+            .port(self.port)
+            .user("postgres")
+            .dbname(database)
+            .run(sql);
+        succeeded(out, "psql").map(|out| out.trim_end().to_owned())
     }
 
     /// The server's log so far, for failing tests to print.

@@ -4,7 +4,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -57,7 +57,11 @@ pub(crate) fn command_as(user: Option<&str>, program: &str) -> Command {
 
 /// Runs a command to completion; its output becomes the error if it fails.
 pub(crate) fn run(mut cmd: Command, what: &str) -> io::Result<String> {
-    let out = cmd.stdin(Stdio::null()).output()?;
+    succeeded(cmd.stdin(Stdio::null()).output()?, what)
+}
+
+/// The stdout of a command that succeeded; its output becomes the error if it failed.
+pub(crate) fn succeeded(out: Output, what: &str) -> io::Result<String> {
     if !out.status.success() {
         return Err(io::Error::other(format!(
             "{what} failed ({}):\n{}\n{}",

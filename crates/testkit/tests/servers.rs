@@ -1,9 +1,12 @@
 //! The throwaway servers start, answer, enforce client-certificate auth, and go away.
 
 use std::fs;
+use std::path::Path;
 use std::process::Command;
 
-use postern_testkit::{MariaDbOptions, MariaDbServer, PostgresOptions, PostgresServer, ServerTls};
+use postern_testkit::{
+    MariaDbOptions, MariaDbServer, PostgresOptions, PostgresServer, Psql, ServerTls,
+};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
 struct Pki {
@@ -44,23 +47,12 @@ fn postgres_starts_answers_and_stops() {
     let server = PostgresServer::start(PostgresOptions::default()).unwrap();
     let port = server.port();
     assert_eq!(server.psql("postgres", "select 40 + 2").unwrap(), "42");
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-t",
-            "-A",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-        ])
-        .arg("-p")
-        .arg(port.to_string())
-        .args(["-c", "select current_user"])
-        .output()
-        .unwrap();
+    let out = Psql::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .run("select current_user");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "postgres");
     drop(server);
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
@@ -90,24 +82,16 @@ fn postgres_with_tls_requires_a_client_certificate() {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path("alice.key"), fs::Permissions::from_mode(0o600)).unwrap();
 
-    let base = format!("host=localhost port={} dbname=postgres", server.port());
-    let with_cert = format!(
-        "{base} user=alice sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
-        path("ca.crt"),
-        path("alice.crt"),
-        path("alice.key")
-    );
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-t",
-            "-A",
-            &with_cert,
-            "-c",
-            "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()",
-        ])
-        .output()
-        .unwrap();
+    let base = Psql::new()
+        .host("localhost")
+        .port(server.port())
+        .dbname("postgres")
+        .user("alice");
+    let out = base
+        .clone()
+        .verify_full(&dir.path().join("ca.crt"))
+        .client_cert(&dir.path().join("alice.crt"), &dir.path().join("alice.key"))
+        .run("select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()");
     assert!(
         out.status.success(),
         "{}",
@@ -115,12 +99,10 @@ fn postgres_with_tls_requires_a_client_certificate() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice|t");
 
-    let no_cert =
-        format!("{base} user=alice sslmode=require sslcert=/nonexistent sslkey=/nonexistent");
-    let out = Command::new("psql")
-        .args(["-X", &no_cert, "-c", "select 1"])
-        .output()
-        .unwrap();
+    let out = base
+        .sslmode("require")
+        .client_cert(Path::new("/nonexistent"), Path::new("/nonexistent"))
+        .run("select 1");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("certificate"), "{stderr}");
