@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use postern_pki::TrustedCa;
 use postern_rt::{Net, WallClock};
+use postern_testkit::Psql;
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use support::{PASSWORD, TestCluster, UserHome, fails, ok};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -38,26 +39,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// Real psql with `conninfo` running `sql` in the user's HOME: (ok, stdout, stderr).
 fn psql(user: &UserHome, conninfo: &str, sql: &str) -> (bool, String, String) {
-    let out = user
-        .command("psql")
-        .args([
-            "-X",
-            "-q",
-            "-t",
-            "-A",
-            "-v",
-            "ON_ERROR_STOP=1",
-            conninfo,
-            "-c",
-            sql,
-        ])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Psql::new()
+        .conninfo_text(conninfo)
+        .run_in(user.command("psql"), sql);
+    Psql::summary(&out)
 }
 
 const FOREIGN_SERVICES: &str = "# my own services\n[prod]\nhost=db.internal\nport=5432\n\n; keep this comment\n[staging]\n  host = staging.internal\n";

@@ -9,10 +9,12 @@ mod daemon;
 
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use daemon::{Daemon, PASSWORD, audit_events, prepare_cluster, psql, sample, scrape, wait_for};
+use daemon::{
+    Daemon, PASSWORD, audit_events, orders_psql, prepare_cluster, psql, sample, scrape, wait_for,
+};
 use postern_testkit::free_port;
 
 const CLUSTER: &str = "remote-test";
@@ -235,20 +237,9 @@ listen = "127.0.0.1:{db_metrics}"
 
     // A session still running when the proxy's drain timeout ends is told why it is
     // closed: psql prints the FATAL 57P01 the proxy sends.
-    let sleeper = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "VERBOSITY=verbose",
-            "service=orders",
-            "-c",
-        ])
-        .arg("select pg_sleep(60)")
-        .env("HOME", &home)
-        .env("PGSERVICEFILE", home.join(".pg_service.conf"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let sleeper = orders_psql(&home)
+        .var("VERBOSITY", "verbose")
+        .command("select pg_sleep(60)")
         .spawn()
         .unwrap();
     wait_for(

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use postern_proxy::dispatch::Dispatcher;
 use postern_proxy::postgres::{ALPN_PROTOCOLS, Accepted, FrontDoor};
 use postern_rt::{Net, Rng, Runtime, WallClock};
 use postern_test_cluster::{DEV_ROLE, LocalSigner, TestCluster, at};
-use postern_testkit::PostgresServer;
+use postern_testkit::{PostgresServer, Psql};
 use postern_tunnel::{IncomingChannel, ProxyTunnels};
 use tokio::sync::{Mutex, mpsc};
 
@@ -209,48 +208,18 @@ async fn psql(
 ) -> (bool, String, String) {
     let ca = cluster.dir.path().join("host-ca.crt");
     std::fs::write(&ca, cluster.host_ca.trusted().to_pem()).unwrap();
-    let conninfo = format!(
-        "host=localhost port={port} user={db_user} dbname=postgres sslmode=verify-full sslrootcert={} sslcert={} sslkey={} connect_timeout=10",
-        ca.display(),
-        cert.0.display(),
-        cert.1.display()
-    );
+    let psql = Psql::new()
+        .host("localhost")
+        .port(port)
+        .user(db_user)
+        .dbname("postgres")
+        .verify_full(&ca)
+        .client_cert(&cert.0, &cert.1)
+        .param("connect_timeout", 10);
     let sql = sql.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new("psql")
-            .args([
-                "-X",
-                "-q",
-                "-t",
-                "-A",
-                "-v",
-                "ON_ERROR_STOP=1",
-                &conninfo,
-                "-f",
-                "-",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                child
-                    .stdin
-                    .take()
-                    .expect("stdin is piped")
-                    .write_all(sql.as_bytes())?;
-                child.wait_with_output()
-            })
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
+    tokio::task::spawn_blocking(move || Psql::summary(&psql.run_script(&sql)))
+        .await
+        .unwrap()
 }
 
 // psql reaches a database it cannot reach directly: through the proxy, the agent's

@@ -3,8 +3,7 @@
 //! are refused with PostgreSQL errors a person can act on, and never disturb others.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use postern_proxy::client_auth::server_config;
 use postern_proxy::postgres::{ALPN_PROTOCOLS, Accepted, FrontDoor, FrontDoorError};
 use postern_proxy::route::{Attempts, Health};
 use postern_rt::{Net, Rng, WallClock};
+use postern_testkit::Psql;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -207,13 +207,23 @@ async fn psql_async(
     tokio::task::spawn_blocking(move || {
         let ca = cluster_dir.join("host-ca.crt");
         std::fs::write(&ca, ca_pem).unwrap();
-        let mut conninfo = format!("host=localhost port={port} user=alice dbname=app sslmode={sslmode} sslrootcert={} connect_timeout=10", ca.display());
-        match &cert {
-            Some((crt, key)) => conninfo.push_str(&format!(" sslcert={} sslkey={}", crt.display(), key.display())),
-            None => conninfo.push_str(" sslcert=/nonexistent sslkey=/nonexistent"),
-        }
-        let out = Command::new("psql").args(["-X", "-w", &conninfo, "-c", "select 1"]).output().unwrap();
-        assert!(!out.status.success(), "psql cannot succeed without an agent");
+        let psql = Psql::new()
+            .host("localhost")
+            .port(port)
+            .user("alice")
+            .dbname("app")
+            .sslmode(sslmode)
+            .param("sslrootcert", ca.display())
+            .param("connect_timeout", 10);
+        let psql = match &cert {
+            Some((crt, key)) => psql.client_cert(crt, key),
+            None => psql.client_cert(Path::new("/nonexistent"), Path::new("/nonexistent")),
+        };
+        let out = psql.run("select 1");
+        assert!(
+            !out.status.success(),
+            "psql cannot succeed without an agent"
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     })
     .await

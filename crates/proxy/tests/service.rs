@@ -3,7 +3,7 @@
 //! agent → a real PostgreSQL 15 that accepts only client certificates (`hostssl … cert`).
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use postern_proxy::service::ALPN_POSTERN_POSTGRES;
 use postern_proxy::{Listen, LocalAddrs, ProxyLimits, ProxyService};
 use postern_rt::Net;
 use postern_test_cluster::{DEV_ROLE, LocalSigner, TestCluster, at, now};
-use postern_testkit::PostgresServer;
+use postern_testkit::{PostgresServer, Psql};
 use postern_tunnel::ChannelKind;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::ServerName;
@@ -206,45 +206,28 @@ where
     Ok((client, task))
 }
 
-fn conninfo(cluster: &TestCluster, port: u16) -> String {
+/// psql as alice through the proxy on `port`, with her certificate.
+fn alice_psql(cluster: &TestCluster, port: u16) -> Psql {
     let ca = cluster.dir.path().join("host-ca.crt");
     std::fs::write(&ca, cluster.host_ca.trusted().to_pem()).unwrap();
     let (crt, key) = cluster.user_cert_files(&alice(), "alice");
-    format!(
-        "host=localhost port={port} user=alice dbname=postgres sslmode=verify-full sslrootcert={} sslcert={} sslkey={} connect_timeout=10",
-        ca.display(),
-        crt.display(),
-        key.display()
-    )
+    Psql::new()
+        .host("localhost")
+        .port(port)
+        .user("alice")
+        .dbname("postgres")
+        .verify_full(&ca)
+        .client_cert(&crt, &key)
+        .param("connect_timeout", 10)
 }
 
 /// Real psql running `sql`: (success, stdout, stderr).
 async fn psql(cluster: &TestCluster, port: u16, sql: &str) -> (bool, String, String) {
-    let conninfo = conninfo(cluster, port);
+    let psql = alice_psql(cluster, port);
     let sql = sql.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new("psql")
-            .args([
-                "-X",
-                "-q",
-                "-t",
-                "-A",
-                "-v",
-                "ON_ERROR_STOP=1",
-                &conninfo,
-                "-c",
-                &sql,
-            ])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap()
+    tokio::task::spawn_blocking(move || Psql::summary(&psql.run(&sql)))
+        .await
+        .unwrap()
 }
 
 fn drain_audit(audit: &mut mpsc::Receiver<AuditEvent>) -> Vec<String> {
@@ -371,19 +354,8 @@ async fn psql_and_prepared_statements_through_the_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_in_psql_cancels_the_query_through_the_proxy() {
     let system = start_system(ProxyLimits::default(), None).await;
-    let conninfo = conninfo(&system.cluster, system.proxy.addrs.postgres.port());
-    let child = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-t",
-            "-A",
-            &conninfo,
-            "-c",
-            "select pg_sleep(60)",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let child = alice_psql(&system.cluster, system.proxy.addrs.postgres.port())
+        .command("select pg_sleep(60)")
         .spawn()
         .unwrap();
     let pid = child.id();

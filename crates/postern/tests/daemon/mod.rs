@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use postern_testkit::{PostgresOptions, PostgresServer, ServerTls};
+use postern_testkit::{PostgresOptions, PostgresServer, Psql, ServerTls};
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
@@ -314,21 +314,13 @@ pub fn prepare_cluster(
 
 /// `psql` on the `orders` service entry `postern db login` wrote, unaligned, tuples only.
 pub fn psql(home: &Path, sql: &str) -> Output {
-    Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-t",
-            "-A",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "service=orders",
-            "-c",
-        ])
-        .arg(sql)
+    orders_psql(home).run(sql)
+}
+
+/// psql on the `orders` service entry `postern db login` wrote in `home`.
+pub fn orders_psql(home: &Path) -> Psql {
+    Psql::new()
+        .service("orders", &home.join(".pg_service.conf"))
         .env("HOME", home)
-        .env("PGSERVICEFILE", home.join(".pg_service.conf"))
         .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .unwrap()
 }
