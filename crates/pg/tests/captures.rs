@@ -2,7 +2,9 @@
 
 mod support;
 
-use support::{CAPTURES, decode, load, replay, transcript};
+use proptest::collection::vec;
+use proptest::prelude::*;
+use support::{CAPTURES, decode, load, replay, replay_cuts, transcript};
 
 // Goal: the crate decodes every captured session completely, and the transcript is stable.
 #[test]
@@ -63,6 +65,19 @@ fn audit_events_independent_of_read_sizes() {
                 whole,
                 "{name} cut every {piece_len}"
             );
+        }
+    }
+}
+
+// Goal: the same, for reads cut anywhere: any sequence of read sizes, round and round
+// across every capture, gives the events of the captured reads.
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn audit_events_independent_of_any_cuts(cuts in vec(1usize..300, 1..12)) {
+        for name in CAPTURES {
+            let chunks = load(name);
+            prop_assert_eq!(replay_cuts(&chunks, &cuts), replay(&chunks, None), "{}", name);
         }
     }
 }

@@ -206,6 +206,16 @@ pub fn transcript(chunks: &[Chunk]) -> String {
 /// `piece_len` bytes (`None`: the captured chunks as they are). Returns the audit events,
 /// one line each, prefixed with the connection.
 pub fn replay(chunks: &[Chunk], piece_len: Option<usize>) -> Vec<String> {
+    match piece_len {
+        Some(len) => replay_cuts(chunks, &[len]),
+        None => replay_cuts(chunks, &[]),
+    }
+}
+
+/// Replays a capture with each chunk re-cut into pieces whose lengths are taken from
+/// `cuts` in turn, round and round across the whole capture (empty: the chunks as
+/// they are).
+pub fn replay_cuts(chunks: &[Chunk], cuts: &[usize]) -> Vec<String> {
     let mut relays: BTreeMap<u32, Relay> = BTreeMap::new();
     let mut lines = Vec::new();
     let drain = |conn: u32, relay: &mut Relay, lines: &mut Vec<String>| {
@@ -213,12 +223,16 @@ pub fn replay(chunks: &[Chunk], piece_len: Option<usize>) -> Vec<String> {
             lines.push(format!("{conn} {}", line(&event)));
         }
     };
+    let mut next_cut = cuts.iter().copied().cycle();
     for chunk in chunks {
         let relay = relays
             .entry(chunk.connection)
             .or_insert_with(|| Relay::from_startup(Limits::default()));
-        let piece_len = piece_len.unwrap_or(chunk.bytes.len()).max(1);
-        for piece in chunk.bytes.chunks(piece_len) {
+        let mut rest = &chunk.bytes[..];
+        while !rest.is_empty() {
+            let len = next_cut.next().unwrap_or(rest.len()).clamp(1, rest.len());
+            let (piece, tail) = rest.split_at(len);
+            rest = tail;
             let result = match chunk.direction {
                 Direction::Frontend => relay.handle_client_bytes(piece),
                 Direction::Backend => relay.handle_server_bytes(piece),
