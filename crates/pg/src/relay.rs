@@ -77,9 +77,8 @@ const SPARE_BLOBS_MAX: usize = 8;
 /// request waits and no event is left.
 const LOG_COMPACT_MIN: usize = 64 << 10;
 
-/// The event log's first capacity (enough for most statements' events), and the most
-/// it keeps once emptied: one large statement does not pin its memory for the session.
-const LOG_CAPACITY: usize = 256;
+/// The most capacity the event log keeps once emptied: one large statement does not pin
+/// its memory for the rest of the session. (It starts empty: an idle session holds none.)
 const LOG_RETAIN_MAX: usize = 4 << 10;
 
 /// The length word that starts an untagged start-up packet.
@@ -677,7 +676,7 @@ impl Relay {
             entries: VecDeque::new(),
             answered: 0,
             lent: false,
-            log: Vec::with_capacity(LOG_CAPACITY),
+            log: Vec::new(),
             compact_at: LOG_COMPACT_MIN,
             pending_bytes: 0,
             discarding_until_sync: false,
@@ -905,7 +904,7 @@ impl Relay {
         }
         if self.entries.is_empty() {
             if self.log.capacity() > LOG_RETAIN_MAX {
-                self.log = Vec::with_capacity(LOG_CAPACITY);
+                self.log = Vec::new();
             } else {
                 self.log.clear();
             }
