@@ -395,8 +395,8 @@ struct Span {
 impl Span {
     fn shifted(self, by: u32) -> Span {
         Span {
-            start: self.start - by,
-            end: self.end - by,
+            start: self.start.saturating_sub(by),
+            end: self.end.saturating_sub(by),
         }
     }
 }
@@ -525,9 +525,11 @@ impl Entry {
         );
         // The decoder read that far, so the body has those bytes.
         let all = push(log, body.get(..values_end).unwrap_or_default());
+        // Offsets within one message (at most 1 GiB); the log's length is checked
+        // against 32 bits by `on_audited`, so these do not saturate in practice.
         let span = |start: usize, end: usize| Span {
-            start: all.start + start as u32,
-            end: all.start + end as u32,
+            start: all.start.saturating_add(start as u32),
+            end: all.start.saturating_add(end as u32),
         };
         self.portal = Some(span(0, portal_end));
         self.statement = Some(span(statement_start, statement_end));
@@ -601,9 +603,9 @@ impl Entry {
             _ => {}
         }
         if let Some(at) = &mut self.answer_at {
-            *at -= by;
+            *at = at.saturating_sub(by);
         }
-        self.start -= by;
+        self.start = self.start.saturating_sub(by);
     }
 
     /// Gives back its shares of statements' SQL and portals' parameters.
