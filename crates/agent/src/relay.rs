@@ -290,6 +290,7 @@ where
         RelayEnd::Shutdown { told: true } => Some(fatal(ADMIN_SHUTDOWN, SHUTDOWN_MESSAGE)),
         _ => None,
     };
+    let told = farewell.is_some();
     if let Some(response) = farewell {
         let mut out = Vec::new();
         if response.encode(&mut out).is_ok() {
@@ -308,7 +309,24 @@ where
     if let Err(closed) = Box::pin(events.deliver(flushed)).await {
         return closed;
     }
+    if told {
+        // A lingering close: the farewell is known to have reached the proxy once the
+        // proxy closes its side, which it does after relaying everything before our
+        // close. Without the wait, the agent's shutdown could take the tunnel down with
+        // the farewell still queued in it. Whatever the client still sends is dropped.
+        let _ = tokio::time::timeout(CLOSE_GRACE, until_closed(&mut client_read)).await;
+    }
     end
+}
+
+/// Reads and drops what `read` still brings until it ends (or fails).
+async fn until_closed<R: AsyncRead + Unpin>(read: &mut R) {
+    let mut buf = [0u8; 512];
+    while let Ok(n) = read.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
