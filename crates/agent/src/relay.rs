@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use postern_pg::audit::EventView;
+use postern_pg::frame::Boundaries;
 use postern_pg::{AuditEvent, Relay};
 use postern_rt::ReadBuffer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -190,7 +191,7 @@ where
     // The database's messages start at a boundary: its greeting ended with ReadyForQuery.
     let mut closing = Closing {
         asked: controls.shutdown.clone(),
-        frames: Frames::default(),
+        frames: Boundaries::default(),
     };
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = tokio::io::split(server);
@@ -534,7 +535,7 @@ where
 /// The database's direction at shutdown: the signal, and where its messages end.
 struct Closing {
     asked: Option<watch::Receiver<bool>>,
-    frames: Frames,
+    frames: Boundaries,
 }
 
 /// Returns once shutdown is asked; never without a signal, or once its sender is gone.
@@ -555,7 +556,7 @@ async fn finish_message<R, W, T, F>(
     read: &mut R,
     write: &mut W,
     events: &EventOut<T, F>,
-    frames: &mut Frames,
+    frames: &mut Boundaries,
 ) -> RelayEnd
 where
     R: AsyncRead + Unpin,
@@ -584,94 +585,4 @@ where
     tokio::time::timeout(CLOSE_GRACE, finish)
         .await
         .unwrap_or(RelayEnd::Shutdown { told: false })
-}
-
-/// Where the database's messages end, by counting: each is a type byte, a 4-byte
-/// big-endian length that counts itself, and the body. Nothing is parsed or kept beyond
-/// the header.
-#[derive(Debug, Default)]
-struct Frames {
-    /// The current message's header bytes seen so far.
-    header: [u8; 5],
-    header_len: usize,
-    /// Body bytes of the current message still to come, once its header is complete.
-    body_left: usize,
-    /// A length below 4 was seen: boundaries are unknown from here on.
-    lost: bool,
-}
-
-impl Frames {
-    /// Accounts for `bytes`, which followed the bytes seen so far.
-    fn advance(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() && !self.lost {
-            if self.header_len < self.header.len() {
-                let take = (self.header.len() - self.header_len).min(bytes.len());
-                self.header[self.header_len..self.header_len + take]
-                    .copy_from_slice(&bytes[..take]);
-                self.header_len += take;
-                bytes = &bytes[take..];
-                if self.header_len == self.header.len() {
-                    let [_, a, b, c, d] = self.header;
-                    match u32::from_be_bytes([a, b, c, d]).checked_sub(4) {
-                        Some(0) => self.header_len = 0,
-                        Some(body) => {
-                            self.body_left = usize::try_from(body).unwrap_or(usize::MAX);
-                        }
-                        None => self.lost = true,
-                    }
-                }
-            } else {
-                let take = self.body_left.min(bytes.len());
-                self.body_left -= take;
-                bytes = &bytes[take..];
-                if self.body_left == 0 {
-                    self.header_len = 0;
-                }
-            }
-        }
-    }
-
-    /// Bytes up to the end of the current message: 0 at a boundary, `None` once
-    /// boundaries are lost.
-    fn to_boundary(&self) -> Option<usize> {
-        if self.lost {
-            None
-        } else if self.header_len == 0 {
-            Some(0)
-        } else if self.header_len < self.header.len() {
-            Some(self.header.len() - self.header_len)
-        } else {
-            Some(self.body_left)
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Frames;
-
-    // Boundaries are found whatever the reads' sizes, and lost for good after a length
-    // below 4.
-    #[test]
-    fn frames_count_messages_across_reads() {
-        // ReadyForQuery (5 + 1 bytes), then a 3-byte-body DataRow-sized message.
-        let bytes = [b'Z', 0, 0, 0, 5, b'I', b'D', 0, 0, 0, 7, 1, 2, 3];
-        for split in 0..=bytes.len() {
-            let mut frames = Frames::default();
-            frames.advance(&bytes[..split]);
-            let expected = match split {
-                0 | 6 | 14 => 0,
-                1..=4 => 5 - split,
-                5 => 1,
-                7..=10 => 11 - split,
-                _ => 14 - split,
-            };
-            assert_eq!(frames.to_boundary(), Some(expected), "after {split} bytes");
-            frames.advance(&bytes[split..]);
-            assert_eq!(frames.to_boundary(), Some(0));
-        }
-        let mut frames = Frames::default();
-        frames.advance(&[b'D', 0, 0, 0, 3, b'Z', 0, 0, 0, 4]);
-        assert_eq!(frames.to_boundary(), None);
-    }
 }

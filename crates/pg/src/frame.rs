@@ -107,6 +107,74 @@ pub fn split_startup_packet(
     Ok(buf.get(..length as usize))
 }
 
+/// Where a stream of tagged messages (either direction, after start-up) stands, by
+/// counting: each message is a type byte, a 4-byte big-endian length that counts itself,
+/// and the body. Nothing is parsed or kept beyond the 5 header bytes, and no limit is
+/// applied: for a relay that already forwards the bytes and only needs to stop between
+/// two messages (the proxy and the agent ending a session with an ErrorResponse at
+/// shutdown).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Boundaries {
+    /// The current message's header bytes seen so far (`have` of 5).
+    header: [u8; HEADER_LEN],
+    have: u8,
+    /// Body bytes of the current message still to come, once its header is complete.
+    body_left: u32,
+    /// A length below 4 was seen: boundaries are unknown from here on.
+    lost: bool,
+}
+
+impl Boundaries {
+    /// Accounts for `bytes`, which followed the bytes seen so far.
+    pub fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && !self.lost {
+            if usize::from(self.have) < HEADER_LEN {
+                let at = usize::from(self.have);
+                let take = (HEADER_LEN - at).min(bytes.len());
+                self.header[at..at + take].copy_from_slice(&bytes[..take]);
+                // take <= 5.
+                self.have += take as u8;
+                bytes = &bytes[take..];
+                if usize::from(self.have) == HEADER_LEN {
+                    let [_, a, b, c, d] = self.header;
+                    match u32::from_be_bytes([a, b, c, d]).checked_sub(4) {
+                        Some(0) => self.have = 0,
+                        Some(body) => self.body_left = body,
+                        None => self.lost = true,
+                    }
+                }
+            } else {
+                let take = bytes.len().min(self.body_left as usize);
+                // take <= body_left, a u32.
+                self.body_left -= take as u32;
+                bytes = &bytes[take..];
+                if self.body_left == 0 {
+                    self.have = 0;
+                }
+            }
+        }
+    }
+
+    /// True between two messages.
+    pub fn at_boundary(&self) -> bool {
+        !self.lost && self.have == 0
+    }
+
+    /// How many bytes may be read next without passing the end of the current message
+    /// (0 at a boundary); `None` once boundaries are lost.
+    pub fn to_boundary(&self) -> Option<usize> {
+        if self.lost {
+            None
+        } else if self.have == 0 {
+            Some(0)
+        } else if usize::from(self.have) < HEADER_LEN {
+            Some(HEADER_LEN - usize::from(self.have))
+        } else {
+            Some(self.body_left as usize)
+        }
+    }
+}
+
 /// A cursor over a message body. Every read checks bounds; nothing here can panic.
 #[derive(Debug)]
 pub(crate) struct Reader<'a> {

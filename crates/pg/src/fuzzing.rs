@@ -5,6 +5,8 @@
 //! properties that hold for every input.
 
 use crate::backend::BackendMessage;
+use crate::error::Direction;
+use crate::frame::{Boundaries, split_message};
 use crate::frontend::{FrontendMessage, StartupRequest};
 use crate::limits::Limits;
 use crate::relay::Relay;
@@ -110,6 +112,34 @@ pub fn backend(data: &[u8]) {
     }
     relay.handle_close();
     while relay.poll_event().is_some() {}
+    // The header counter agrees with the framing wherever the reads cut: at a boundary
+    // exactly where a whole message ended, never told to read past one.
+    let mut boundaries = Boundaries::default();
+    let mut at = 0;
+    let mut ends = Vec::new();
+    let mut rest = stream;
+    while let Ok(Some(frame)) = split_message(Direction::Backend, rest, usize::MAX) {
+        at += frame.wire_len();
+        ends.push(at);
+        rest = &rest[frame.wire_len()..];
+    }
+    let mut seen = 0;
+    for chunk in chunks(&stream[..at], sizes) {
+        if let Some(left) = boundaries.to_boundary() {
+            let next_end = ends.iter().copied().find(|&end| end > seen).unwrap_or(at);
+            assert!(
+                left == 0 || seen + left <= next_end,
+                "counter reads past a boundary"
+            );
+        }
+        boundaries.advance(chunk);
+        seen += chunk.len();
+        assert_eq!(
+            boundaries.at_boundary(),
+            ends.contains(&seen),
+            "boundary at {seen}"
+        );
+    }
 }
 
 /// Start-up negotiation: the proxy's machine takes any bytes, cut anywhere, in either TLS

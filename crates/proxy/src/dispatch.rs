@@ -12,7 +12,7 @@
 //!
 //! The agent authorizes, connects to the database and audits; after start-up the proxy
 //! only moves bytes, without parsing them and without per-message logging. It does
-//! count where each agent→client message ends ([`BackendFrames`]: a type byte and a
+//! count where each agent→client message ends ([`Boundaries`]: a type byte and a
 //! length), so that a session closed at shutdown ends between two messages with a FATAL
 //! ErrorResponse (SQLSTATE 57P01) the client can show ([`relay`]).
 
@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use postern_pg::backend::{BackendMessage, Fields, field};
+use postern_pg::frame::Boundaries;
 use postern_pg::frontend::{CancelRequest, ProtocolVersion, StartupMessage, StartupRequest};
 use postern_pg::reply::SqlState;
 use postern_pg::{Limits, StartupParams};
@@ -103,73 +104,7 @@ pub struct Connected {
     /// The database's key for CancelRequests of this session, from its BackendKeyData.
     pub backend_key: Option<CancelRequest>,
     /// Where the agent→client stream stands after the start-up answer.
-    pub frames: BackendFrames,
-}
-
-/// Where the agent→client byte stream stands in PostgreSQL's backend framing: each
-/// message is a type byte, a 4-byte big-endian length that counts itself, and the body.
-/// Counting only: nothing is parsed or buffered beyond the 5 header bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BackendFrames {
-    /// The current message's header bytes seen so far (`have` of 5).
-    header: [u8; 5],
-    have: u8,
-    /// Body bytes of the current message still to come (once its header is complete).
-    body_left: u32,
-    /// A length below 4 was seen: message boundaries are unknown from here on.
-    lost: bool,
-}
-
-impl BackendFrames {
-    /// Accounts for `bytes`, which followed the bytes seen so far.
-    pub fn advance(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() && !self.lost {
-            if self.have < 5 {
-                let at = usize::from(self.have);
-                let take = (5 - at).min(bytes.len());
-                self.header[at..at + take].copy_from_slice(&bytes[..take]);
-                // take <= 5.
-                self.have += take as u8;
-                bytes = &bytes[take..];
-                if self.have == 5 {
-                    let [_, a, b, c, d] = self.header;
-                    let len = u32::from_be_bytes([a, b, c, d]);
-                    match len.checked_sub(4) {
-                        Some(0) => self.have = 0,
-                        Some(body) => self.body_left = body,
-                        None => self.lost = true,
-                    }
-                }
-            } else {
-                let take = bytes.len().min(self.body_left as usize);
-                // take <= body_left, a u32.
-                self.body_left -= take as u32;
-                bytes = &bytes[take..];
-                if self.body_left == 0 {
-                    self.have = 0;
-                }
-            }
-        }
-    }
-
-    /// True between two messages.
-    pub fn at_boundary(&self) -> bool {
-        !self.lost && self.have == 0
-    }
-
-    /// How many bytes may be read next without passing the end of the current message
-    /// (0 at a boundary); `None` once boundaries are lost.
-    pub fn to_boundary(&self) -> Option<usize> {
-        if self.lost {
-            None
-        } else if self.have == 0 {
-            Some(0)
-        } else if self.have < 5 {
-            Some(usize::from(5 - self.have))
-        } else {
-            Some(self.body_left as usize)
-        }
-    }
+    pub frames: Boundaries,
 }
 
 /// SQLSTATE 57P01 `admin_shutdown`, as PostgreSQL sends when it is shut down.
@@ -201,7 +136,7 @@ pub enum Ended {
 pub async fn relay<C, A>(
     client: &mut C,
     agent: &mut A,
-    mut frames: BackendFrames,
+    mut frames: Boundaries,
     mut closing: watch::Receiver<bool>,
 ) -> std::io::Result<Ended>
 where
@@ -325,7 +260,7 @@ async fn relay_greeting(
     agent: &mut tokio_rustls::client::TlsStream<Connection>,
     client: &mut ClientStream,
     limits: &Limits,
-) -> Result<(Option<CancelRequest>, BackendFrames), DispatchError> {
+) -> Result<(Option<CancelRequest>, Boundaries), DispatchError> {
     let mut buf = Vec::new();
     let mut seen = 0usize;
     let mut key = None;
@@ -377,7 +312,7 @@ async fn relay_greeting(
         .map_err(DispatchError::Client)?;
     client.flush().await.map_err(DispatchError::Client)?;
     // `buf` starts where a message starts: whole messages were drained from its front.
-    let mut frames = BackendFrames::default();
+    let mut frames = Boundaries::default();
     frames.advance(&buf);
     Ok((key, frames))
 }
@@ -716,7 +651,7 @@ mod tests {
         let (mut agent_app, mut agent) = tokio::io::duplex(4096);
         let (_closing_tx, closing) = watch::channel(false);
         let relayed = tokio::spawn(async move {
-            relay(&mut client, &mut agent, BackendFrames::default(), closing).await
+            relay(&mut client, &mut agent, Boundaries::default(), closing).await
         });
 
         let ready_for_query = b"Z\0\0\0\x05I";

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use postern_proxy::dispatch::{BackendFrames, CLOSE_GRACE, Ended, SHUTDOWN_MESSAGE, relay};
+use postern_pg::frame::Boundaries;
+use postern_proxy::dispatch::{CLOSE_GRACE, Ended, SHUTDOWN_MESSAGE, relay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -38,7 +39,7 @@ fn frames_follow_message_boundaries() {
         }
         ends
     };
-    let mut frames = BackendFrames::default();
+    let mut frames = Boundaries::default();
     assert!(frames.at_boundary());
     for (i, byte) in stream.iter().enumerate() {
         frames.advance(std::slice::from_ref(byte));
@@ -48,17 +49,17 @@ fn frames_follow_message_boundaries() {
             "after byte {i}"
         );
     }
-    let mut whole = BackendFrames::default();
+    let mut whole = Boundaries::default();
     whole.advance(&stream);
     assert_eq!(whole, frames);
 
-    let mut partial = BackendFrames::default();
+    let mut partial = Boundaries::default();
     partial.advance(&message(b'D', b"abcdef")[..3]);
     assert_eq!(partial.to_boundary(), Some(2), "the rest of the header");
     partial.advance(&[0, 10, b'a']);
     assert_eq!(partial.to_boundary(), Some(5), "the rest of the body");
 
-    let mut broken = BackendFrames::default();
+    let mut broken = Boundaries::default();
     broken.advance(&[b'X', 0, 0, 0, 3, b'Z', 0, 0, 0, 5, b'I']);
     assert!(!broken.at_boundary());
     assert_eq!(broken.to_boundary(), None);
@@ -85,7 +86,7 @@ async fn closing_mid_message_finishes_it_then_tells_the_client() {
         relay(
             &mut client_side,
             &mut agent_side,
-            BackendFrames::default(),
+            Boundaries::default(),
             asked,
         )
         .await
@@ -132,7 +133,7 @@ async fn a_message_not_finished_within_the_grace_is_cut() {
         relay(
             &mut client_side,
             &mut agent_side,
-            BackendFrames::default(),
+            Boundaries::default(),
             asked,
         )
         .await
@@ -162,7 +163,7 @@ async fn a_real_client_reads_admin_shutdown_in_a_running_query() {
         let (mut client, _) = listener.accept().await.unwrap();
         let mut database = TcpStream::connect("127.0.0.1:5432").await.unwrap();
         // From the first byte the database sends, boundaries are known.
-        relay(&mut client, &mut database, BackendFrames::default(), asked).await
+        relay(&mut client, &mut database, Boundaries::default(), asked).await
     });
     let (client, connection) = tokio_postgres::connect(
         &format!("host=127.0.0.1 port={port} user=postgres dbname=test sslmode=disable"),
