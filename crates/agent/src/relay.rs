@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use postern_pg::audit::EventView;
-use postern_pg::frame::Boundaries;
 use postern_pg::{AuditEvent, Relay};
 use postern_rt::ReadBuffer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -188,10 +187,9 @@ where
         stop: Notify::new(),
         last_activity: Mutex::new(Instant::now()),
     };
-    // The database's messages start at a boundary: its greeting ended with ReadyForQuery.
+    // The database's direction watches for the agent's shutdown.
     let mut closing = Closing {
         asked: controls.shutdown.clone(),
-        frames: Boundaries::default(),
     };
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = tokio::io::split(server);
@@ -208,7 +206,6 @@ where
     {
         end = e;
     }
-    closing.frames.advance(&pending_server);
     if end == RelayEnd::Closed
         && !pending_client.is_empty()
         && let Err(e) = shared
@@ -502,9 +499,7 @@ where
             () = shutdown_asked(closing.as_deref_mut()) => {
                 shared.stop.notify_one();
                 return match closing {
-                    Some(closing) => {
-                        finish_message(shared, read, write, events, &mut closing.frames).await
-                    }
+                    Some(_) => finish_message(shared, read, write, events).await,
                     None => RelayEnd::Shutdown { told: false },
                 };
             }
@@ -526,16 +521,14 @@ where
             shared.stop.notify_one();
             return end;
         }
-        if let Some(closing) = closing.as_deref_mut() {
-            closing.frames.advance(chunk);
-        }
     }
 }
 
-/// The database's direction at shutdown: the signal, and where its messages end.
+/// The database's direction at shutdown: the signal. Where its messages end is the
+/// relay's to say ([`Relay::server_bytes_to_boundary`]): it has seen every byte
+/// forwarded.
 struct Closing {
     asked: Option<watch::Receiver<bool>>,
-    frames: Boundaries,
 }
 
 /// Returns once shutdown is asked; never without a signal, or once its sender is gone.
@@ -556,7 +549,6 @@ async fn finish_message<R, W, T, F>(
     read: &mut R,
     write: &mut W,
     events: &EventOut<T, F>,
-    frames: &mut Boundaries,
 ) -> RelayEnd
 where
     R: AsyncRead + Unpin,
@@ -566,7 +558,8 @@ where
     let finish = async {
         let mut buf = Vec::new();
         loop {
-            let left = match frames.to_boundary() {
+            let left = shared.lock().server_bytes_to_boundary();
+            let left = match left {
                 Some(0) => return RelayEnd::Shutdown { told: true },
                 Some(left) => left,
                 None => return RelayEnd::Shutdown { told: false },
@@ -579,7 +572,6 @@ where
             if let Err(end) = shared.forward(Side::Server, &buf[..n], write, events).await {
                 return end;
             }
-            frames.advance(&buf[..n]);
         }
     };
     tokio::time::timeout(CLOSE_GRACE, finish)

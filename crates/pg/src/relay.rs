@@ -875,6 +875,17 @@ impl Relay {
             + self.tracked.blobs.spare_bytes()
     }
 
+    /// How many more bytes from the server may be relayed without passing the end of
+    /// the message under way: 0 between two messages, `None` once the relay failed
+    /// (where messages end is then unknown). For a driver that must stop between two
+    /// messages (to send its own ErrorResponse) without counting them a second time.
+    pub fn server_bytes_to_boundary(&self) -> Option<usize> {
+        if self.failed.is_some() {
+            return None;
+        }
+        Some(self.server.to_boundary())
+    }
+
     /// The next audit event, borrowed from the relay until the next call; `None` when
     /// there is none. Drain after every `handle_*` call.
     #[inline]
@@ -1735,6 +1746,23 @@ impl Stream {
             if let Some(item) = self.start_body(limits)? {
                 return Ok(Some(item));
             }
+        }
+    }
+
+    /// Bytes up to the end of the message under way (0 between messages): the rest of
+    /// its header, or of its body.
+    fn to_boundary(&self) -> usize {
+        match &self.body {
+            Some(body) => body.remaining,
+            None if self.header_filled > 0 => {
+                let header_len = if self.untagged {
+                    STARTUP_LENGTH_LEN
+                } else {
+                    HEADER_LEN
+                };
+                header_len.saturating_sub(self.header_filled)
+            }
+            None => 0,
         }
     }
 

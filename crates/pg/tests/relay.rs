@@ -423,3 +423,33 @@ fn names_are_matched_as_bytes() {
         "TPG02I db.session.postgres.statements.execute portal=\"\" query=\"select 1\" -> ok \"SELECT 1\""
     );
 }
+
+// Goal: the relay says how far the message under way still runs, wherever a read cut
+// the server's stream, so its driver can stop between two messages without counting
+// them itself; after a failure it does not pretend to know.
+#[test]
+fn server_bytes_to_boundary_across_reads() {
+    // ReadyForQuery (5 + 1 bytes), then a DataRow with a 3-byte body.
+    let bytes = [b'Z', 0, 0, 0, 5, b'I', b'D', 0, 0, 0, 7, 1, 2, 3];
+    for split in 0..=bytes.len() {
+        let mut relay = Relay::new(Limits::default());
+        relay.handle_server_bytes(&bytes[..split]).unwrap();
+        let expected = match split {
+            0 | 6 | 14 => 0,
+            1..=4 => 5 - split,
+            5 => 1,
+            7..=10 => 11 - split,
+            _ => 14 - split,
+        };
+        assert_eq!(
+            relay.server_bytes_to_boundary(),
+            Some(expected),
+            "after {split} bytes"
+        );
+        relay.handle_server_bytes(&bytes[split..]).unwrap();
+        assert_eq!(relay.server_bytes_to_boundary(), Some(0));
+    }
+    let mut relay = Relay::new(Limits::default());
+    assert!(relay.handle_server_bytes(&[b'D', 0, 0, 0, 3]).is_err());
+    assert_eq!(relay.server_bytes_to_boundary(), None);
+}
