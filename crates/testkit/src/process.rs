@@ -103,7 +103,7 @@ pub(crate) fn wait_until(
         if ready() {
             return Ok(());
         }
-        sleep(Duration::from_millis(50));
+        sleep(Duration::from_millis(10));
     }
     Err(io::Error::new(
         io::ErrorKind::TimedOut,

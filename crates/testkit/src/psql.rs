@@ -18,7 +18,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::process::wait_until;
 
 /// How long a run may take before psql is killed, unless [`Psql::timeout`] says.
 pub const PSQL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
@@ -249,16 +251,21 @@ fn collect(mut child: Child, input: Option<Vec<u8>>, timeout: Duration) -> Outpu
             .take()
             .map(|s| Box::new(s) as Box<dyn Read + Send>),
     );
-    // Test support measures real time on purpose: it waits for a real process.
-    let deadline = Instant::now() + timeout;
-    let (status, timed_out) = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break (status, false),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-            Ok(None) | Err(_) => {
-                let _ = child.kill();
-                break (child.wait().unwrap_or_else(|_| failed_status()), true);
-            }
+    let mut exited = None;
+    // Polls until psql exits (or cannot be waited for) or the timeout passes.
+    let _ = wait_until(timeout, "psql", || match child.try_wait() {
+        Ok(None) => false,
+        Ok(Some(status)) => {
+            exited = Some(status);
+            true
+        }
+        Err(_) => true,
+    });
+    let (status, timed_out) = match exited {
+        Some(status) => (status, false),
+        None => {
+            let _ = child.kill();
+            (child.wait().unwrap_or_else(|_| failed_status()), true)
         }
     };
     if let Some(writer) = writer {
