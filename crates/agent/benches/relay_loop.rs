@@ -151,7 +151,7 @@ fn render(rng: &Rng) -> impl Fn(EventView<'_>) -> AuditEvent + '_ {
             time::OffsetDateTime::UNIX_EPOCH,
             &mut rng.clone(),
         );
-        match view.query {
+        match view.query() {
             Some(query) => event.with_field("query", postern_pg::audit::text(query).as_ref()),
             None => event,
         }

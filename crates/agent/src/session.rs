@@ -888,7 +888,7 @@ impl Common {
     /// Rendered from the relay's borrowed view: text is converted here, once.
     fn statement_event(&self, from: EventView<'_>, clock: &WallClock, rng: &Rng) -> AuditEvent {
         let mut event = self.event((from.name(), from.code()), clock, rng);
-        if let Some(query) = from.query {
+        if let Some(query) = from.query() {
             let query = text(query);
             let (shown, cut) = cut_to_json_budget(&query, QUERY_JSON_MAX);
             event = event.with_field("query", shown);
@@ -898,11 +898,11 @@ impl Common {
                     .with_field("query_size", query.len());
             }
         }
-        if !from.parameters.is_empty() {
+        if !from.parameters().is_empty() {
             let mut budget = PARAMETERS_JSON_MAX;
             let mut truncated = false;
             let parameters: Vec<serde_json::Value> = from
-                .parameters
+                .parameters()
                 .iter()
                 .map(|p| match p {
                     None => serde_json::Value::Null,
@@ -920,16 +920,16 @@ impl Common {
                 event = event.with_field("parameters_truncated", true);
             }
         }
-        if let Some(statement) = from.statement {
+        if let Some(statement) = from.statement() {
             event = event.with_field("statement_name", text(statement).as_ref());
         }
-        if let Some(portal) = from.portal {
+        if let Some(portal) = from.portal() {
             event = event.with_field("portal_name", text(portal).as_ref());
         }
-        if let Some(function) = from.function {
+        if let Some(function) = from.function() {
             event = event.with_field("function_oid", function);
         }
-        let outcome = match from.outcome {
+        let outcome = match from.outcome() {
             OutcomeView::Succeeded { tag } => {
                 if let Some(tag) = tag {
                     event = event.with_field("command_tag", text(tag).as_ref());

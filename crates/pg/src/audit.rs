@@ -128,22 +128,29 @@ pub fn text(bytes: &[u8]) -> Cow<'_, str> {
 /// buffers, nothing allocated or converted. Text fields are raw wire bytes (the client
 /// encoding need not be UTF-8); render them with [`text`]. [`EventView::to_owned`]
 /// gives the same event as an [`AuditEvent`].
-#[derive(Debug, Clone, Copy)]
+///
+/// The view is three references into the relay; each method finds its field there when
+/// called. Handing a view out copies nothing (a view holding every field was 150 bytes,
+/// copied on each hand-out: a fifth of the relay's time on simple queries).
+#[derive(Clone, Copy)]
 pub struct EventView<'a> {
-    /// What happened.
-    pub kind: EventKind,
-    /// SQL text, when known (for Bind, Execute and Close: the prepared statement's text).
-    pub query: Option<&'a [u8]>,
-    /// Prepared statement name (Parse, Bind, Close of a statement); empty is unnamed.
-    pub statement: Option<&'a [u8]>,
-    /// Portal name (Bind, Execute, Close of a portal); empty is unnamed.
-    pub portal: Option<&'a [u8]>,
-    /// Function OID (FunctionCall).
-    pub function: Option<u32>,
-    /// Parameter or argument values, as sent.
-    pub parameters: ParametersView<'a>,
-    /// The server's answer.
-    pub outcome: OutcomeView<'a>,
+    pub(crate) entry: &'a crate::relay::Entry,
+    pub(crate) log: &'a [u8],
+    pub(crate) blobs: &'a crate::relay::Blobs,
+}
+
+impl fmt::Debug for EventView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventView")
+            .field("kind", &self.kind())
+            .field("query", &self.query().map(text))
+            .field("statement", &self.statement().map(text))
+            .field("portal", &self.portal().map(text))
+            .field("function", &self.function())
+            .field("parameters", &self.parameters())
+            .field("outcome", &self.outcome())
+            .finish()
+    }
 }
 
 /// [`Outcome`], borrowed.
@@ -232,34 +239,34 @@ impl<'a> ParametersView<'a> {
 
 impl<'a> EventView<'a> {
     fn failed(&self) -> bool {
-        matches!(self.outcome, OutcomeView::Failed { .. })
+        matches!(self.outcome(), OutcomeView::Failed { .. })
     }
 
     /// The event name, e.g. `db.session.query`.
     pub fn name(&self) -> &'static str {
-        event_name(self.kind, self.failed())
+        event_name(self.kind(), self.failed())
     }
 
     /// The event code, e.g. `TDB02I`.
     pub fn code(&self) -> &'static str {
-        event_code(self.kind, self.failed())
+        event_code(self.kind(), self.failed())
     }
 
     /// The same event, owned (text converted, parameters rendered).
     pub fn to_owned(&self) -> AuditEvent {
         let owned = |bytes: &[u8]| text(bytes).into_owned();
         AuditEvent {
-            kind: self.kind,
-            query: self.query.map(|q| Arc::from(text(q).as_ref())),
-            statement: self.statement.map(owned),
-            portal: self.portal.map(owned),
-            function: self.function,
+            kind: self.kind(),
+            query: self.query().map(|q| Arc::from(text(q).as_ref())),
+            statement: self.statement().map(owned),
+            portal: self.portal().map(owned),
+            function: self.function(),
             parameters: self
-                .parameters
+                .parameters()
                 .iter()
                 .map(|p| p.map(|p| p.render().into_owned()))
                 .collect(),
-            outcome: match self.outcome {
+            outcome: match self.outcome() {
                 OutcomeView::Succeeded { tag } => Outcome::Succeeded {
                     tag: tag.map(owned),
                 },

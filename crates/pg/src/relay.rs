@@ -46,7 +46,7 @@
 //!
 //! let event = relay.poll_event_view().expect("the query was answered");
 //! assert_eq!((event.name(), event.code()), ("db.session.query", "TDB02I"));
-//! assert_eq!(event.query, Some(&b"select 1"[..]));
+//! assert_eq!(event.query(), Some(&b"select 1"[..]));
 //! # Ok::<(), postern_pg::Error>(())
 //! ```
 
@@ -247,7 +247,7 @@ type BlobId = u32;
 /// relay's time on prepared statements). Each holder acquires once and releases once;
 /// the last frees the string, keeping small buffers for the next.
 #[derive(Debug, Default)]
-struct Blobs {
+pub(crate) struct Blobs {
     entries: Vec<Blob>,
     free: Vec<BlobId>,
 }
@@ -465,7 +465,7 @@ impl Answer {
 /// One audited request and, once known, its answer: a fixed-size entry whose text is in
 /// the relay's log (or, for SQL and parameters kept beyond one statement, in `Blobs`).
 #[derive(Debug, Clone, Copy)]
-struct Entry {
+pub(crate) struct Entry {
     kind: EventKind,
     query: Sql,
     statement: Option<Span>,
@@ -617,51 +617,83 @@ impl Entry {
             blobs.release(parameters.blob);
         }
     }
+}
 
+/// An event's fields, found in the relay's buffers when asked for.
+impl<'a> EventView<'a> {
+    /// What happened.
     #[inline]
-    fn view<'a>(&self, log: &'a [u8], blobs: &'a Blobs) -> EventView<'a> {
-        EventView {
-            kind: self.kind,
-            query: match self.query {
-                Sql::None => None,
-                Sql::Copied(span) => Some(get(log, span)),
-                Sql::Shared(id) => Some(blobs.get(id)),
+    pub fn kind(&self) -> EventKind {
+        self.entry.kind
+    }
+
+    /// SQL text, when known (for Bind, Execute and Close: the prepared statement's text).
+    #[inline]
+    pub fn query(&self) -> Option<&'a [u8]> {
+        match self.entry.query {
+            Sql::None => None,
+            Sql::Copied(span) => Some(get(self.log, span)),
+            Sql::Shared(id) => Some(self.blobs.get(id)),
+        }
+    }
+
+    /// Prepared statement name (Parse, Bind, Close of a statement); empty is unnamed.
+    #[inline]
+    pub fn statement(&self) -> Option<&'a [u8]> {
+        self.entry.statement.map(|s| get(self.log, s))
+    }
+
+    /// Portal name (Bind, Execute, Close of a portal); empty is unnamed.
+    #[inline]
+    pub fn portal(&self) -> Option<&'a [u8]> {
+        self.entry.portal.map(|s| get(self.log, s))
+    }
+
+    /// Function OID (FunctionCall).
+    #[inline]
+    pub fn function(&self) -> Option<u32> {
+        self.entry.function
+    }
+
+    /// Parameter or argument values, as sent.
+    #[inline]
+    pub fn parameters(&self) -> ParametersView<'a> {
+        match self.entry.parameters {
+            Params::None => ParametersView::empty(),
+            Params::Copied {
+                formats,
+                values,
+                count,
+            } => ParametersView::new(
+                FormatsView::checked(get(self.log, formats)),
+                ValuesView::checked(count, get(self.log, values)),
+            ),
+            Params::Shared(shared) => {
+                let bytes = self.blobs.get(shared.blob);
+                let (formats, values) =
+                    bytes.split_at((shared.formats_len as usize).min(bytes.len()));
+                ParametersView::new(
+                    FormatsView::checked(formats),
+                    ValuesView::checked(shared.count, values),
+                )
+            }
+        }
+    }
+
+    /// The server's answer.
+    #[inline]
+    pub fn outcome(&self) -> OutcomeView<'a> {
+        match self.entry.answer {
+            Answer::Succeeded(tag) => OutcomeView::Succeeded {
+                tag: tag.map(|t| get(self.log, t)),
             },
-            statement: self.statement.map(|s| get(log, s)),
-            portal: self.portal.map(|s| get(log, s)),
-            function: self.function,
-            parameters: match self.parameters {
-                Params::None => ParametersView::empty(),
-                Params::Copied {
-                    formats,
-                    values,
-                    count,
-                } => ParametersView::new(
-                    FormatsView::checked(get(log, formats)),
-                    ValuesView::checked(count, get(log, values)),
-                ),
-                Params::Shared(shared) => {
-                    let bytes = blobs.get(shared.blob);
-                    let (formats, values) =
-                        bytes.split_at((shared.formats_len as usize).min(bytes.len()));
-                    ParametersView::new(
-                        FormatsView::checked(formats),
-                        ValuesView::checked(shared.count, values),
-                    )
-                }
+            Answer::Suspended => OutcomeView::Suspended,
+            Answer::Failed { code, message } => OutcomeView::Failed {
+                code: get(self.log, code),
+                message: get(self.log, message),
             },
-            outcome: match self.answer {
-                Answer::Succeeded(tag) => OutcomeView::Succeeded {
-                    tag: tag.map(|t| get(log, t)),
-                },
-                Answer::Suspended => OutcomeView::Suspended,
-                Answer::Failed { code, message } => OutcomeView::Failed {
-                    code: get(log, code),
-                    message: get(log, message),
-                },
-                Answer::Skipped => OutcomeView::Skipped,
-                Answer::Unknown => OutcomeView::Unknown,
-            },
+            Answer::Skipped => OutcomeView::Skipped,
+            Answer::Unknown => OutcomeView::Unknown,
         }
     }
 }
@@ -899,7 +931,11 @@ impl Relay {
         }
         let entry = self.entries.front()?;
         self.lent = true;
-        Some(entry.view(&self.log, &self.tracked.blobs))
+        Some(EventView {
+            entry,
+            log: &self.log,
+            blobs: &self.tracked.blobs,
+        })
     }
 
     /// The next audit event, owned (text converted, parameters rendered): what
@@ -1931,9 +1967,9 @@ mod tests {
             let event = relay
                 .poll_event_view()
                 .expect("the last query was answered");
-            assert_eq!(event.query, Some(query(i - 1).as_bytes()));
+            assert_eq!(event.query(), Some(query(i - 1).as_bytes()));
             assert_eq!(
-                event.outcome,
+                event.outcome(),
                 OutcomeView::Succeeded {
                     tag: Some(b"SELECT 1")
                 }
@@ -1982,7 +2018,7 @@ mod tests {
             .expect("valid answer");
         let event = relay.poll_event_view().expect("answered");
         assert_eq!(
-            event.outcome,
+            event.outcome(),
             OutcomeView::Succeeded {
                 tag: Some(b"INSERT 0 9999")
             }
@@ -2052,7 +2088,7 @@ mod tests {
             let mut events = 0;
             while let Some(event) = relay.poll_event_view() {
                 assert!(
-                    event.kind == EventKind::PostgresClose || event.query.is_some(),
+                    event.kind() == EventKind::PostgresClose || event.query().is_some(),
                     "{event:?}"
                 );
                 events += 1;
