@@ -373,15 +373,31 @@ fn extend_short(buf: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// `true` if `bytes` holds a NUL. Names and command tags are a few bytes, SQL text is
-/// longer: the `memchr` crate's vector search pays off only on the latter.
+/// longer: the `memchr` crate's vector search pays off only on the latter. Up to 16
+/// bytes are tested as two overlapping words, a few instructions where a loop took one
+/// branch per byte.
 #[inline]
 fn has_nul(bytes: &[u8]) -> bool {
-    if bytes.len() <= 16 {
+    /// A byte of `word` is zero: subtracting 1 from each byte borrows into its top bit
+    /// only from a zero byte (or one whose top bit was already set, which `!word`
+    /// removes). The lowest zero byte always sets its top bit, so the test is exact.
+    fn has_zero_byte(word: u64) -> bool {
+        word.wrapping_sub(0x0101_0101_0101_0101) & !word & 0x8080_8080_8080_8080 != 0
+    }
+    let len = bytes.len();
+    if len > 16 {
+        return memchr::memchr(0, bytes).is_some();
+    }
+    if let (Some(head), Some(tail)) = (bytes.first_chunk::<8>(), bytes.last_chunk::<8>()) {
+        has_zero_byte(u64::from_le_bytes(*head)) || has_zero_byte(u64::from_le_bytes(*tail))
+    } else if let (Some(head), Some(tail)) = (bytes.first_chunk::<4>(), bytes.last_chunk::<4>()) {
+        let word =
+            u64::from(u32::from_le_bytes(*head)) | u64::from(u32::from_le_bytes(*tail)) << 32;
+        has_zero_byte(word)
+    } else {
         // `contains` would call `memchr`, whose set-up costs more than this loop.
         #[allow(clippy::manual_contains)]
         bytes.iter().any(|&b| b == 0)
-    } else {
-        memchr::memchr(0, bytes).is_some()
     }
 }
 
@@ -1920,6 +1936,29 @@ mod tests {
                 extend_short(&mut buf, &source[..len]);
                 assert_eq!(&buf[..3], b"abc", "len {len} room {room}");
                 assert_eq!(&buf[3..], &source[..len], "len {len} room {room}");
+            }
+        }
+    }
+
+    // Goal: the word-at-a-time NUL test agrees with a byte loop for every length up to
+    // and past its 16-byte limit, a NUL anywhere, and the bytes that trip naive word
+    // tests (0x01 and 0x80 next to a NUL, 0xff everywhere).
+    #[test]
+    fn has_nul_agrees_with_a_byte_loop() {
+        for len in 0..=40 {
+            for fill in [b'a', 0x01, 0x80, 0x81, 0xff] {
+                let mut bytes = vec![fill; len];
+                assert!(!has_nul(&bytes), "len {len} fill {fill:#x}");
+                for at in 0..len {
+                    bytes[at] = 0;
+                    assert!(has_nul(&bytes), "len {len} fill {fill:#x} NUL at {at}");
+                    if at + 1 < len {
+                        bytes[at + 1] = 0x01;
+                        assert!(has_nul(&bytes), "len {len} NUL at {at}, 0x01 after");
+                        bytes[at + 1] = fill;
+                    }
+                    bytes[at] = fill;
+                }
             }
         }
     }
