@@ -1,5 +1,7 @@
 //! `frame::Boundaries`: where tagged messages end, by counting headers only.
 
+mod support;
+
 use postern_pg::frame::Boundaries;
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -8,18 +10,11 @@ use proptest::prelude::*;
 // length below 4.
 #[test]
 fn boundaries_across_reads() {
-    // ReadyForQuery (5 + 1 bytes), then a message with a 3-byte body.
-    let bytes = [b'Z', 0, 0, 0, 5, b'I', b'D', 0, 0, 0, 7, 1, 2, 3];
+    let bytes = support::TWO_MESSAGES;
     for split in 0..=bytes.len() {
         let mut boundaries = Boundaries::default();
         boundaries.advance(&bytes[..split]);
-        let expected = match split {
-            0 | 6 | 14 => 0,
-            1..=4 => 5 - split,
-            5 => 1,
-            7..=10 => 11 - split,
-            _ => 14 - split,
-        };
+        let expected = support::to_boundary_after(split);
         assert_eq!(
             boundaries.to_boundary(),
             Some(expected),

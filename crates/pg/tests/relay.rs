@@ -1,5 +1,7 @@
 //! The relay on synthetic sessions: error handling in pipelines, limits, bounded memory.
 
+mod support;
+
 use postern_pg::backend::{Fields, TransactionStatus};
 use postern_pg::frontend::{Bind, Format, FunctionCall, Parse, Target};
 use postern_pg::reply::{Severity, SqlState};
@@ -429,18 +431,11 @@ fn names_are_matched_as_bytes() {
 // them itself; after a failure it does not pretend to know.
 #[test]
 fn server_bytes_to_boundary_across_reads() {
-    // ReadyForQuery (5 + 1 bytes), then a DataRow with a 3-byte body.
-    let bytes = [b'Z', 0, 0, 0, 5, b'I', b'D', 0, 0, 0, 7, 1, 2, 3];
+    let bytes = support::TWO_MESSAGES;
     for split in 0..=bytes.len() {
         let mut relay = Relay::new(Limits::default());
         relay.handle_server_bytes(&bytes[..split]).unwrap();
-        let expected = match split {
-            0 | 6 | 14 => 0,
-            1..=4 => 5 - split,
-            5 => 1,
-            7..=10 => 11 - split,
-            _ => 14 - split,
-        };
+        let expected = support::to_boundary_after(split);
         assert_eq!(
             relay.server_bytes_to_boundary(),
             Some(expected),

@@ -21,6 +21,22 @@ pub const CAPTURES: &[&str] = &[
     "cancel",
 ];
 
+/// Two server messages for tests of where messages end: ReadyForQuery (5 + 1 bytes),
+/// then a DataRow with a 3-byte body.
+pub const TWO_MESSAGES: [u8; 14] = [b'Z', 0, 0, 0, 5, b'I', b'D', 0, 0, 0, 7, 1, 2, 3];
+
+/// After the first `read` bytes of [`TWO_MESSAGES`], how many more the message under way
+/// still has (0 between messages).
+pub fn to_boundary_after(read: usize) -> usize {
+    match read {
+        0 | 6 | 14 => 0,
+        1..=4 => 5 - read,
+        5 => 1,
+        7..=10 => 11 - read,
+        _ => 14 - read,
+    }
+}
+
 /// One recv() worth of bytes on one connection.
 #[derive(Debug, Clone)]
 pub struct Chunk {
