@@ -188,9 +188,7 @@ where
         last_activity: Mutex::new(Instant::now()),
     };
     // The database's direction watches for the agent's shutdown.
-    let mut closing = Closing {
-        asked: controls.shutdown.clone(),
-    };
+    let mut shutdown = controls.shutdown.clone();
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = tokio::io::split(server);
 
@@ -233,7 +231,7 @@ where
                 &mut server_read,
                 &mut client_write,
                 &events,
-                Some(&mut closing),
+                shutdown.as_mut(),
             );
             tokio::pin!(up, down);
             let (mut up_end, mut down_end) = (None, None);
@@ -476,15 +474,17 @@ async fn watchdog(shared: &Shared, controls: &Controls) -> RelayEnd {
 }
 
 /// One direction: read, show the relay, forward; until EOF, an error, or a stop. The
-/// database's direction gets `closing`: when shutdown is asked, it finishes the message
-/// in flight and ends with [`RelayEnd::Shutdown`].
+/// database's direction gets the agent's `shutdown` signal: when it is raised, that
+/// direction finishes the message in flight and ends with [`RelayEnd::Shutdown`]. Where
+/// the message ends is the relay's to say ([`Relay::server_bytes_to_boundary`]): it has
+/// seen every byte forwarded.
 async fn half<R, W, T, F>(
     shared: &Shared,
     from: Side,
     read: &mut R,
     write: &mut W,
     events: &EventOut<T, F>,
-    mut closing: Option<&mut Closing>,
+    mut shutdown: Option<&mut watch::Receiver<bool>>,
 ) -> RelayEnd
 where
     R: AsyncRead + Unpin,
@@ -496,12 +496,9 @@ where
         let chunk = tokio::select! {
             biased;
             () = shared.stop.notified() => return RelayEnd::Closed,
-            () = shutdown_asked(closing.as_deref_mut()) => {
+            () = shutdown_asked(shutdown.as_deref_mut()) => {
                 shared.stop.notify_one();
-                return match closing {
-                    Some(_) => finish_message(shared, read, write, events).await,
-                    None => RelayEnd::Shutdown { told: false },
-                };
+                return finish_message(shared, read, write, events).await;
             }
             read = buf.read(read) => match read {
                 Ok(chunk) => chunk,
@@ -524,16 +521,9 @@ where
     }
 }
 
-/// The database's direction at shutdown: the signal. Where its messages end is the
-/// relay's to say ([`Relay::server_bytes_to_boundary`]): it has seen every byte
-/// forwarded.
-struct Closing {
-    asked: Option<watch::Receiver<bool>>,
-}
-
 /// Returns once shutdown is asked; never without a signal, or once its sender is gone.
-async fn shutdown_asked(closing: Option<&mut Closing>) {
-    if let Some(asked) = closing.and_then(|closing| closing.asked.as_mut())
+async fn shutdown_asked(shutdown: Option<&mut watch::Receiver<bool>>) {
+    if let Some(asked) = shutdown
         && let Ok(_asked) = asked.wait_for(|asked| *asked).await
     {
         return;
