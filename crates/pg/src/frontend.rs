@@ -703,61 +703,25 @@ impl StartupRequest {
     }
 
     fn decode_packet(packet: &[u8]) -> Result<Self, InvalidMessage> {
-        let mut r = Reader::new(packet);
-        let length = r.u32()?;
-        if length as usize != packet.len() {
-            // The framing gave us exactly `length` bytes; a caller that did its own
-            // framing may not have.
-            return Err(if (length as usize) < packet.len() {
-                InvalidMessage::TrailingBytes {
-                    count: packet.len() - length as usize,
-                }
-            } else {
-                InvalidMessage::Truncated
-            });
-        }
-        let code = r.u32()?;
-        let request = match code {
-            request_code::SSL => StartupRequest::Ssl,
-            request_code::GSSENC => StartupRequest::GssEnc,
-            request_code::CANCEL => {
-                let process_id = r.i32()?;
-                let secret_key = r.rest().to_vec();
-                if !CANCEL_KEY_LEN.contains(&secret_key.len()) {
-                    return Err(InvalidMessage::CancelKeyLength {
-                        length: secret_key.len(),
-                    });
-                }
-                StartupRequest::Cancel(CancelRequest {
-                    process_id,
-                    secret_key,
-                })
-            }
-            // Any code whose high half is below 1234 is a protocol version; which versions
-            // we accept is the state machine's decision, not the decoder's.
-            code if code >> 16 < 1234 => {
-                let version = ProtocolVersion {
-                    major: (code >> 16) as u16,
-                    minor: (code & 0xffff) as u16,
-                };
-                let mut parameters = Vec::new();
-                loop {
-                    let name = r.cstr()?;
-                    if name.is_empty() {
-                        break;
-                    }
-                    let value = r.cstr()?;
-                    parameters.push((name.to_vec(), value.to_vec()));
-                }
-                StartupRequest::Startup(StartupMessage {
-                    version,
-                    parameters,
-                })
-            }
-            code => return Err(InvalidMessage::UnknownRequestCode { code }),
-        };
-        r.finish()?;
-        Ok(request)
+        let mut parameters = Vec::new();
+        let head = PacketHead::read(packet, |name, value| {
+            parameters.push((name.to_vec(), value.to_vec()));
+        })?;
+        Ok(match head {
+            PacketHead::Ssl => StartupRequest::Ssl,
+            PacketHead::GssEnc => StartupRequest::GssEnc,
+            PacketHead::Cancel {
+                process_id,
+                secret_key,
+            } => StartupRequest::Cancel(CancelRequest {
+                process_id,
+                secret_key: secret_key.to_vec(),
+            }),
+            PacketHead::Startup(version) => StartupRequest::Startup(StartupMessage {
+                version,
+                parameters,
+            }),
+        })
     }
 
     /// Appends the packet to `out`. Fails, leaving `out` unchanged, when a parameter holds
@@ -786,5 +750,78 @@ impl StartupRequest {
             }
         }
         w.finish()
+    }
+}
+
+/// A start-up packet read and checked without copying anything out of it: what the
+/// relay needs (which request it is), and what [`StartupRequest`] is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PacketHead<'a> {
+    Ssl,
+    GssEnc,
+    Cancel {
+        process_id: i32,
+        secret_key: &'a [u8],
+    },
+    /// A StartupMessage; its parameters went to the caller's function.
+    Startup(ProtocolVersion),
+}
+
+impl<'a> PacketHead<'a> {
+    /// Reads one whole start-up packet, length word included, passing each parameter
+    /// of a StartupMessage to `parameter` in the order sent.
+    pub(crate) fn read(
+        packet: &'a [u8],
+        mut parameter: impl FnMut(&'a [u8], &'a [u8]),
+    ) -> Result<Self, InvalidMessage> {
+        let mut r = Reader::new(packet);
+        let length = r.u32()?;
+        if length as usize != packet.len() {
+            // The framing gave us exactly `length` bytes; a caller that did its own
+            // framing may not have.
+            return Err(if (length as usize) < packet.len() {
+                InvalidMessage::TrailingBytes {
+                    count: packet.len() - length as usize,
+                }
+            } else {
+                InvalidMessage::Truncated
+            });
+        }
+        let code = r.u32()?;
+        let head = match code {
+            request_code::SSL => PacketHead::Ssl,
+            request_code::GSSENC => PacketHead::GssEnc,
+            request_code::CANCEL => {
+                let process_id = r.i32()?;
+                let secret_key = r.rest();
+                if !CANCEL_KEY_LEN.contains(&secret_key.len()) {
+                    return Err(InvalidMessage::CancelKeyLength {
+                        length: secret_key.len(),
+                    });
+                }
+                PacketHead::Cancel {
+                    process_id,
+                    secret_key,
+                }
+            }
+            // Any code whose high half is below 1234 is a protocol version; which versions
+            // we accept is the state machine's decision, not the decoder's.
+            code if code >> 16 < 1234 => {
+                loop {
+                    let name = r.cstr()?;
+                    if name.is_empty() {
+                        break;
+                    }
+                    parameter(name, r.cstr()?);
+                }
+                PacketHead::Startup(ProtocolVersion {
+                    major: (code >> 16) as u16,
+                    minor: (code & 0xffff) as u16,
+                })
+            }
+            code => return Err(InvalidMessage::UnknownRequestCode { code }),
+        };
+        r.finish()?;
+        Ok(head)
     }
 }

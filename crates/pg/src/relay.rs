@@ -58,7 +58,7 @@ use crate::backend::{self, BackendMessage};
 use crate::error::{Direction, Error, InvalidMessage, Limit, PeerMisbehaved};
 use crate::frame::{self, Frame, HEADER_LEN, STARTUP_HEADER_LEN};
 use crate::frontend::{
-    self, BindView, FormatsView, MessageView, StartupRequest, TargetView, ValuesView,
+    self, BindView, FormatsView, MessageView, PacketHead, TargetView, ValuesView,
 };
 use crate::limits::Limits;
 
@@ -1042,9 +1042,12 @@ impl Relay {
     #[inline(never)]
     fn on_client_message(&mut self, tag: Option<u8>, body: &[u8]) -> Result<(), Error> {
         let Some(tag) = tag else {
-            return match StartupRequest::decode(body)? {
-                StartupRequest::Startup(_) => Ok(()),
-                StartupRequest::Cancel(_) => {
+            // Checked as the decoder does, without copying out the parameters.
+            let head = PacketHead::read(body, |_, _| {})
+                .map_err(|kind| Error::invalid(Direction::Frontend, None, kind))?;
+            return match head {
+                PacketHead::Startup(_) => Ok(()),
+                PacketHead::Cancel { .. } => {
                     self.client_ended = true;
                     Ok(())
                 }
