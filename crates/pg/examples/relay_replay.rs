@@ -137,7 +137,9 @@ fn simple_query_floor(chunks: &[support::Chunk]) -> usize {
             };
             bytes = tail;
             match (chunk.direction, tag, body) {
-                (Direction::Frontend, b'Q', [sql @ .., 0]) if memchr::memchr(0, sql).is_none() => {
+                (Direction::Frontend, b'Q', [sql @ .., 0])
+                    if !sql.iter().fold(false, |nul, &b| nul | (b == 0)) =>
+                {
                     let start = conn.log.len() as u32;
                     conn.log.extend_from_slice(sql);
                     conn.queue.push_back((start, conn.log.len() as u32, 0, 0));
