@@ -215,3 +215,91 @@ pub fn startup(data: &[u8]) {
     assert!(finals <= 1, "start-up ended more than once");
     assert_eq!(finals == 1, startup.is_done());
 }
+
+/// Ops of a [`conversation`] input: the high two bits of each op byte say what it is,
+/// the low six its size.
+pub mod op {
+    /// Client bytes: (low six bits) + 1 bytes follow.
+    pub const CLIENT: u8 = 0x00;
+    /// Server bytes: (low six bits) + 1 bytes follow.
+    pub const SERVER: u8 = 0x40;
+    /// Take up to (low six bits) events; 0 takes every one.
+    pub const POLL: u8 = 0x80;
+    /// The connection closes (later input must be refused the same way).
+    pub const CLOSE: u8 = 0xc0;
+    /// Largest size an op byte carries.
+    pub const CHUNK_MAX: usize = 64;
+}
+
+/// A whole conversation through the relay, with reads cut anywhere and events taken at
+/// any time (or left waiting): a relay that sends every request through its queues
+/// gives the same result for every input, the same events, the same boundaries and the
+/// same memory held. The first byte picks the relay: even, one whose session starts
+/// after authentication; odd, one that reads the start-up packet too. Ops follow (see
+/// [`op`]).
+pub fn conversation(data: &[u8]) {
+    let Some((&first, mut rest)) = data.split_first() else {
+        return;
+    };
+    let limits = limits();
+    let (mut relay, mut queued) = if first & 1 == 0 {
+        (Relay::new(limits.clone()), Relay::new(limits))
+    } else {
+        (
+            Relay::from_startup(limits.clone()),
+            Relay::from_startup(limits),
+        )
+    };
+    queued = queued.without_lone_queries();
+    while let Some((&byte, tail)) = rest.split_first() {
+        rest = tail;
+        let size = usize::from(byte & 0x3f);
+        match byte & 0xc0 {
+            op::CLIENT | op::SERVER => {
+                let (chunk, tail) = rest.split_at((size + 1).min(rest.len()));
+                rest = tail;
+                let (a, b) = if byte & 0xc0 == op::CLIENT {
+                    (
+                        relay.handle_client_bytes(chunk),
+                        queued.handle_client_bytes(chunk),
+                    )
+                } else {
+                    (
+                        relay.handle_server_bytes(chunk),
+                        queued.handle_server_bytes(chunk),
+                    )
+                };
+                assert_eq!(a, b, "result of a read");
+            }
+            op::POLL => {
+                let take = if size == 0 { usize::MAX } else { size };
+                for _ in 0..take {
+                    let event = relay.poll_event();
+                    assert_eq!(event, queued.poll_event(), "event");
+                    if event.is_none() {
+                        break;
+                    }
+                }
+            }
+            _ => {
+                relay.handle_close();
+                queued.handle_close();
+            }
+        }
+        assert_eq!(
+            relay.server_bytes_to_boundary(),
+            queued.server_bytes_to_boundary(),
+            "boundary"
+        );
+        assert_eq!(relay.held_bytes(), queued.held_bytes(), "memory held");
+    }
+    relay.handle_close();
+    queued.handle_close();
+    loop {
+        let event = relay.poll_event();
+        assert_eq!(event, queued.poll_event(), "event after close");
+        if event.is_none() {
+            break;
+        }
+    }
+}

@@ -30,6 +30,12 @@
 //! Bind, Execute and Close event naming it) and a portal's parameters (shared by its
 //! Execute events).
 //!
+//! The most common request, a simple Query sent while nothing else waits (psql, pgbench's
+//! default mode, any client that waits for each answer), skips the queues: its one entry
+//! is filled in place and lent out from there. Anything else first moves it into the
+//! queues, so the events are the same either way (`tests/lone_query.rs` and the
+//! `pg_relay` fuzz target compare the two paths).
+//!
 //! ```
 //! use postern_pg::backend::TransactionStatus;
 //! use postern_pg::{BackendMessage, FrontendMessage, Limits, Relay};
@@ -99,6 +105,12 @@ pub struct Relay {
     answered: usize,
     /// `entries[0]` was lent out by `poll_event_view`; it is dropped on the next call.
     lent: bool,
+    /// The lone query (see [`Lone`]): its entry and where it is.
+    lone: Entry,
+    lone_state: Lone,
+    /// Simple Queries may be taken as the lone query: off when no request may wait at
+    /// all (the queues refuse every one), and in tests that the result is the same.
+    lone_allowed: bool,
     /// Every byte the entries show (names, the SQL of simple queries and Parses, Binds'
     /// parameters, the answers' text), appended as it arrives. Emptied whenever no entry
     /// is left, compacted when it reaches `compact_at`.
@@ -400,6 +412,28 @@ fn has_nul(bytes: &[u8]) -> bool {
         #[allow(clippy::manual_contains)]
         bytes.iter().any(|&b| b == 0)
     }
+}
+
+/// Where the lone query is: a simple Query sent while no other request waited and no
+/// event was left, by far the most common request (psql, pgbench's default mode, any
+/// client that waits for each answer). It skips the queues: its entry is filled in
+/// place and lent out from there, with its text alone in the log.
+///
+/// While it is not `None`, `steps` and `entries` are empty and discarding is off. Every
+/// path that queues a request or an event, or reads an answer other than the lone
+/// query's CommandComplete and ReadyForQuery, first moves it into the queues
+/// ([`Relay::spill`]), where it goes on as any request would: the events are the same
+/// either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lone {
+    /// No lone query: the queues hold every request and event.
+    None,
+    /// Sent; answered once ReadyForQuery comes (its CommandComplete may have come).
+    Waiting,
+    /// Answered: the next event.
+    Answered,
+    /// Lent out by `poll_event_view`; dropped on the next call.
+    Lent,
 }
 
 /// Where a field of an [`Entry`] is in the relay's log.
@@ -719,6 +753,7 @@ impl Relay {
     /// A relay for a session whose start-up and authentication are over (the agent did
     /// them itself): both directions carry tagged messages from the first byte.
     pub fn new(limits: Limits) -> Self {
+        let lone_allowed = limits.pending_requests_max > 0;
         Relay {
             client: Stream::new(Direction::Frontend, false),
             server: Stream::new(Direction::Backend, false),
@@ -727,6 +762,9 @@ impl Relay {
             entries: VecDeque::new(),
             answered: 0,
             lent: false,
+            lone: Entry::new(EventKind::Query, 0),
+            lone_state: Lone::None,
+            lone_allowed,
             log: Vec::new(),
             compact_at: LOG_COMPACT_MIN,
             pending_bytes: 0,
@@ -745,6 +783,13 @@ impl Relay {
         let mut relay = Relay::new(limits);
         relay.client.untagged = true;
         relay
+    }
+
+    /// The same relay without the lone query's path: every request goes through the
+    /// queues. For tests that the two give the same events and errors.
+    pub(crate) fn without_lone_queries(mut self) -> Self {
+        self.lone_allowed = false;
+        self
     }
 
     /// Observes bytes going from client to server. Malformed bytes produce a
@@ -778,6 +823,7 @@ impl Relay {
     #[cold]
     #[inline(never)]
     fn client_failed(&mut self, error: Error) -> Error {
+        self.spill();
         let mut entry = Entry::new(EventKind::MalformedPacket, self.log.len());
         entry.set_answer(
             &mut self.log,
@@ -894,6 +940,7 @@ impl Relay {
         if self.closed {
             return;
         }
+        self.spill();
         self.closed = true;
         // What the requests still waiting would have done to the statements and
         // portals is applied in order, as if they succeeded, so that the events of a
@@ -943,6 +990,21 @@ impl Relay {
             self.lent = false;
             self.drop_event();
         }
+        // A lone query's event (there is no other), or its lent event to drop. One
+        // waiting for its answer has none yet, as the queues have none answered.
+        if self.lone_state == Lone::Answered {
+            self.lone_state = Lone::Lent;
+            return Some(EventView {
+                entry: &self.lone,
+                log: &self.log,
+                blobs: &self.tracked.blobs,
+            });
+        }
+        if self.lone_state == Lone::Lent {
+            self.lone_state = Lone::None;
+            self.clear_log();
+            return None;
+        }
         if self.answered == 0 {
             return None;
         }
@@ -969,13 +1031,19 @@ impl Relay {
             entry.release(&mut self.tracked.blobs);
         }
         if self.entries.is_empty() {
-            if self.log.capacity() > LOG_RETAIN_MAX {
-                self.log = Vec::new();
-            } else {
-                self.log.clear();
-            }
+            self.clear_log();
         } else if self.log.len() >= self.compact_at {
             self.compact_log();
+        }
+    }
+
+    /// Empties the log, which no entry uses any more; a long one gives its memory back.
+    #[inline]
+    fn clear_log(&mut self) {
+        if self.log.capacity() > LOG_RETAIN_MAX {
+            self.log = Vec::new();
+        } else {
+            self.log.clear();
         }
     }
 
@@ -1007,7 +1075,13 @@ impl Relay {
             (frontend::tag::DESCRIBE, [b'S' | b'P', name @ .., 0]) if !has_nul(name) => {
                 self.on_unaudited(Step::Describe)
             }
-            (frontend::tag::QUERY, [query @ .., 0]) if !has_nul(query) => self.on_query(query),
+            (frontend::tag::QUERY, [query @ .., 0]) if !has_nul(query) => {
+                if self.send_lone(query) {
+                    Ok(())
+                } else {
+                    self.on_query(query)
+                }
+            }
             (frontend::tag::BIND, _) => self.on_bind(body),
             (frontend::tag::EXECUTE, [portal @ .., 0, _, _, _, _]) if !has_nul(portal) => {
                 self.on_execute(portal)
@@ -1016,8 +1090,29 @@ impl Relay {
         }
     }
 
+    /// Takes a simple Query as the lone query if it can be one: nothing else waits, no
+    /// event is left, and it is within the pending limits (else the queues refuse it).
+    #[inline(always)]
+    fn send_lone(&mut self, query: &[u8]) -> bool {
+        let idle = self.lone_state == Lone::None
+            && self.steps.is_empty()
+            && self.entries.is_empty()
+            && !self.discarding_until_sync;
+        if !idle || !self.lone_allowed || query.len() > self.limits.pending_bytes_max {
+            return false;
+        }
+        // No entry is left, so neither is any text.
+        debug_assert!(self.log.is_empty());
+        self.lone.query = Sql::Copied(push(&mut self.log, query));
+        self.lone.answer = Answer::Unknown;
+        self.lone.answer_at = None;
+        self.lone_state = Lone::Waiting;
+        true
+    }
+
     #[inline(never)]
     fn on_query(&mut self, query: &[u8]) -> Result<(), Error> {
+        self.spill();
         let mut entry = Entry::new(EventKind::Query, self.log.len());
         entry.query = Sql::Copied(push(&mut self.log, query));
         self.on_audited(Step::Query, entry)
@@ -1025,6 +1120,7 @@ impl Relay {
 
     #[inline(never)]
     fn on_bind(&mut self, body: &[u8]) -> Result<(), Error> {
+        self.spill();
         let bind = BindView::decode(body)
             .map_err(|kind| Error::invalid(Direction::Frontend, Some(frontend::tag::BIND), kind))?;
         let mut entry = Entry::new(EventKind::PostgresBind, self.log.len());
@@ -1034,6 +1130,7 @@ impl Relay {
 
     #[inline(never)]
     fn on_execute(&mut self, portal: &[u8]) -> Result<(), Error> {
+        self.spill();
         let mut entry = Entry::new(EventKind::PostgresExecute, self.log.len());
         entry.portal = Some(push(&mut self.log, portal));
         self.on_audited(Step::Execute, entry)
@@ -1058,6 +1155,7 @@ impl Relay {
                 })),
             };
         };
+        self.spill();
         let start = self.log.len();
         // Decoded as a borrowed view: only what the audit keeps is copied out.
         let message = MessageView::decode(tag, body)
@@ -1111,6 +1209,11 @@ impl Relay {
 
     /// An audited request, its bytes in the log: queued for the server's answer.
     fn on_audited(&mut self, step: Step, mut entry: Entry) -> Result<(), Error> {
+        debug_assert_eq!(
+            self.lone_state,
+            Lone::None,
+            "spilled before the entry's text"
+        );
         if self.discarding_until_sync {
             // The server reads and drops it: audit it as never run. Nothing else waits
             // (the error answered every request up to the Sync not yet sent), so it is
@@ -1146,6 +1249,7 @@ impl Relay {
 
     /// A request with no event (Describe, Sync): only its place in the queue.
     fn on_unaudited(&mut self, step: Step) -> Result<(), Error> {
+        self.spill();
         if self.discarding_until_sync {
             return Ok(());
         }
@@ -1172,6 +1276,41 @@ impl Relay {
             Error::limit(Limit::PendingRequests, self.steps.len() + 1, max)
         } else {
             Error::limit(Limit::PendingBytes, bytes, self.limits.pending_bytes_max)
+        }
+    }
+
+    /// Moves the lone query, if there is one, into the queues.
+    #[inline(always)]
+    fn spill(&mut self) {
+        if self.lone_state != Lone::None {
+            self.spill_lone();
+        }
+    }
+
+    /// Moves the lone query into the queues, as the request, event or lent event it is.
+    #[cold]
+    #[inline(never)]
+    fn spill_lone(&mut self) {
+        debug_assert!(self.steps.is_empty() && self.entries.is_empty());
+        match std::mem::replace(&mut self.lone_state, Lone::None) {
+            Lone::None => {}
+            Lone::Waiting => {
+                let held = self.log.len();
+                self.lone.held = held as u32;
+                self.pending_bytes = held;
+                self.steps.push_back(Step::Query);
+                self.entries.push_back(self.lone);
+            }
+            Lone::Answered => {
+                self.entries.push_back(self.lone);
+                self.answered = 1;
+            }
+            Lone::Lent => {
+                // Dropped on the next `poll_event_view`, as any event lent out.
+                self.entries.push_back(self.lone);
+                self.answered = 1;
+                self.lent = true;
+            }
         }
     }
 
@@ -1211,11 +1350,25 @@ impl Relay {
         match (tag, body) {
             // One per statement: read borrowed, the tag is copied into the event.
             (COMMAND_COMPLETE, [command_tag @ .., 0]) if !has_nul(command_tag) => {
-                self.on_command_done(Some(command_tag))
+                if self.lone_state == Lone::Waiting {
+                    // A later statement's tag replaces an earlier one's, as in `record`.
+                    self.lone
+                        .set_answer(&mut self.log, succeeded(Some(command_tag)));
+                    Ok(())
+                } else {
+                    self.on_command_done(Some(command_tag))
+                }
             }
             (BIND_COMPLETE, []) => self.on_bind_complete(),
             (READY_FOR_QUERY, [status @ (b'I' | b'T' | b'E')]) => {
-                self.on_ready(*status == b'I');
+                if self.lone_state == Lone::Waiting {
+                    self.lone_state = Lone::Answered;
+                    if *status == b'I' {
+                        self.tracked.clear_portals();
+                    }
+                } else {
+                    self.on_ready(*status == b'I');
+                }
                 Ok(())
             }
             _ => self.on_server_other(tag, body),
@@ -1225,6 +1378,7 @@ impl Relay {
     #[inline(never)]
     fn on_server_other(&mut self, tag: u8, body: &[u8]) -> Result<(), Error> {
         use backend::tag::*;
+        self.spill();
         match (tag, body) {
             (COMMAND_COMPLETE, _) => {
                 let command_tag = backend::command_tag(body)?;
@@ -1261,6 +1415,7 @@ impl Relay {
 
     #[inline]
     fn on_command_done(&mut self, tag: Option<&[u8]>) -> Result<(), Error> {
+        self.spill();
         match self.front_step() {
             Some(Step::Execute) => self.on_execute_complete(tag),
             _ => self.on_query_done(tag),
@@ -1316,6 +1471,7 @@ impl Relay {
     /// ReadyForQuery; `idle`: outside a transaction.
     #[inline(never)]
     fn on_ready(&mut self, idle: bool) {
+        self.spill();
         // ReadyForQuery ends a Query, a FunctionCall or a Sync batch. Anything still in
         // front of it got no answer (cannot happen with a conforming server) and comes
         // out as it is.
@@ -1333,6 +1489,7 @@ impl Relay {
     /// BindComplete: `complete`, specialised.
     #[inline(never)]
     fn on_bind_complete(&mut self) -> Result<(), Error> {
+        self.spill();
         self.complete(Step::Bind, succeeded(None))
     }
 
@@ -1926,6 +2083,48 @@ mod tests {
             parameters: vec![Some(b"1".to_vec())],
             result_formats: vec![],
         })
+    }
+
+    // Goal: a simple Query sent while nothing waits takes the lone query's path (no
+    // queue holds it, before or after its answer); a second request sent before its
+    // answer moves it into the queues, ahead of the second. (That both paths give the
+    // same events is tests/lone_query.rs.)
+    #[test]
+    fn lone_query_path_is_taken_and_left() {
+        let mut relay = Relay::new(Limits::default());
+        let query = |sql: &str| client(&[FrontendMessage::Query(sql.into())]);
+        let answer = |tag: &str| {
+            server(&[
+                BackendMessage::CommandComplete(tag.into()),
+                BackendMessage::ready_for_query(TransactionStatus::Idle),
+            ])
+        };
+        let sql = |event: Option<AuditEvent>| event.and_then(|e| e.query).map(|q| q.to_string());
+
+        relay
+            .handle_client_bytes(&query("select 1"))
+            .expect("valid");
+        assert_eq!(relay.lone_state, Lone::Waiting);
+        assert!(relay.steps.is_empty() && relay.entries.is_empty());
+        relay
+            .handle_server_bytes(&answer("SELECT 1"))
+            .expect("valid");
+        assert_eq!(relay.lone_state, Lone::Answered);
+        assert_eq!(sql(relay.poll_event()), Some("select 1".into()));
+        assert_eq!(relay.poll_event(), None);
+        assert_eq!(relay.lone_state, Lone::None);
+        assert!(relay.log.is_empty());
+
+        relay
+            .handle_client_bytes(&[query("select 2"), query("select 3")].concat())
+            .expect("valid");
+        assert_eq!((relay.lone_state, relay.steps.len()), (Lone::None, 2));
+        relay
+            .handle_server_bytes(&[answer("SELECT 2"), answer("SELECT 3")].concat())
+            .expect("valid");
+        assert_eq!(sql(relay.poll_event()), Some("select 2".into()));
+        assert_eq!(sql(relay.poll_event()), Some("select 3".into()));
+        assert_eq!(relay.poll_event(), None);
     }
 
     // Goal: the inline copy of short slices appends exactly the bytes given, whatever

@@ -27,9 +27,10 @@ type Target = fn(&[u8]);
 // Goal: every corpus input runs through its target without a panic or failed assertion.
 #[test]
 fn corpus_inputs_pass_their_targets() {
-    let targets: [(&str, Target); 3] = [
+    let targets: [(&str, Target); 4] = [
         ("pg_frontend", postern_pg::fuzzing::frontend),
         ("pg_backend", postern_pg::fuzzing::backend),
+        ("pg_relay", postern_pg::fuzzing::conversation),
         ("pg_startup", postern_pg::fuzzing::startup),
     ];
     for (target, run) in targets {
