@@ -100,7 +100,6 @@ fn frame_all(direction: Direction, mut bytes: &[u8]) -> usize {
 /// not a relay.
 fn simple_query_floor(chunks: &[support::Chunk]) -> usize {
     struct Conn {
-        id: u32,
         started: bool,
         log: Vec<u8>,
         queue: std::collections::VecDeque<(u32, u32, u32, u32)>,
@@ -109,20 +108,17 @@ fn simple_query_floor(chunks: &[support::Chunk]) -> usize {
     let mut conns: Vec<Conn> = Vec::new();
     let mut events = 0;
     for chunk in chunks {
-        let i = match conns.iter().position(|c| c.id == chunk.connection) {
-            Some(i) => i,
-            None => {
-                conns.push(Conn {
-                    id: chunk.connection,
-                    started: false,
-                    log: Vec::new(),
-                    queue: Default::default(),
-                    answered: 0,
-                });
-                conns.len() - 1
-            }
-        };
-        let conn = &mut conns[i];
+        // As in `support::replay_counting`: the connection number is the index.
+        let index = chunk.connection as usize;
+        while conns.len() <= index {
+            conns.push(Conn {
+                started: false,
+                log: Vec::new(),
+                queue: Default::default(),
+                answered: 0,
+            });
+        }
+        let conn = &mut conns[index];
         let mut bytes = &chunk.bytes[..];
         if chunk.direction == Direction::Frontend && !conn.started {
             conn.started = true;
