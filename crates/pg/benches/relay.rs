@@ -1,6 +1,9 @@
 //! Relay parsing throughput on captured pgbench traffic (testdata/pg/pgbench_*.capture):
 //! the bytes of both directions go through `Relay`, audit events are drained, as the
-//! agent does. Reported as bytes of traffic per second.
+//! agent does. Reported as bytes of traffic per second. `relay/pgbench_*` replays each
+//! capture as recorded (every connection, from its start-up packet); `*_session`
+//! replays the benchmark client's statements again and again through one relay, as a
+//! long run does (`support::session_reads`).
 //!
 //! Run: `cargo bench -p postern-pg --bench relay`. Results are in crates/pg/README.md.
 
@@ -24,6 +27,22 @@ fn relay_throughput(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(bytes as u64));
         group.bench_function(name, |b| {
             b.iter(|| support::replay_counting(black_box(&chunks)))
+        });
+    }
+    // The client's session alone, over and over through one relay: a pgbench run longer
+    // than the capture, as the agent's relay sees it (from after authentication).
+    for name in ["pgbench_prepared", "pgbench_simple", "pgbench_extended"] {
+        let chunks = support::load(name);
+        let reads = support::session_reads(&chunks, support::busiest_connection(&chunks));
+        let bytes: usize = reads.iter().map(|(_, b)| b.len()).sum();
+        let mut relay = Relay::new(Limits::default());
+        assert!(
+            support::replay_session(&mut relay, &reads) > 100,
+            "{name}: too few events in a session"
+        );
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.bench_function(format!("{name}_session"), |b| {
+            b.iter(|| support::replay_session(&mut relay, black_box(&reads)))
         });
     }
     // Large results: the path pg_dump and big SELECTs take. 64 KiB reads of 8 KiB

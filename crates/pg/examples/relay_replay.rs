@@ -12,7 +12,9 @@
 //! (`frame::split_message`, after the start-up packet): the floor any relay that looks at
 //! every message pays, without the audit's bookkeeping. With `floor`, each run does the
 //! least any relay does for simple queries (see `simple_query_floor`): a bound for what
-//! a relay specialised for them could reach, not a relay.
+//! a relay specialised for them could reach, not a relay. With `session`, each run
+//! replays the benchmark client's statements through one relay that lives across runs
+//! (`support::session_reads`), as in a pgbench run longer than the capture.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -39,6 +41,18 @@ fn main() {
             events += simple_query_floor(black_box(&chunks));
         }
         println!("{name}: {runs} runs, {events} simple-query events in all runs (floor)");
+        return;
+    }
+    if mode.as_deref() == Some("session") {
+        // The client's session, over and over through one relay (`support::session_reads`).
+        let reads = support::session_reads(&chunks, support::busiest_connection(&chunks));
+        let bytes: usize = reads.iter().map(|(_, b)| b.len()).sum();
+        let mut relay = postern_pg::Relay::new(Limits::default());
+        let mut events = 0;
+        for _ in 0..runs {
+            events += support::replay_session(&mut relay, black_box(&reads));
+        }
+        println!("{name}: {runs} runs of a {bytes}-byte session, {events} events (session)");
         return;
     }
     if frames_only {

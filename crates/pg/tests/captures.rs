@@ -120,3 +120,41 @@ fn one_event_per_audited_request() {
         assert_eq!(replay(&chunks, None).len(), requests, "{name}");
     }
 }
+
+// Goal: the session the bench repeats (the benchmark client's statements, between its
+// authentication and its Terminate) is whole: it starts with a Query or Parse, holds the
+// client's every statement, and runs through one relay again and again with the same
+// events each time, so the relay is back where it started after each run.
+#[test]
+fn pgbench_sessions_repeat() {
+    for name in ["pgbench_simple", "pgbench_extended", "pgbench_prepared"] {
+        let chunks = load(name);
+        let reads = support::session_reads(&chunks, support::busiest_connection(&chunks));
+        let (direction, first) = reads.first().expect("a session");
+        assert_eq!(*direction, postern_pg::Direction::Frontend, "{name}");
+        assert!(
+            matches!(first.first(), Some(b'Q' | b'P')),
+            "{name}: {first:?}"
+        );
+        let mut relay = postern_pg::Relay::new(postern_pg::Limits::default());
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            let mut events = Vec::new();
+            for (direction, bytes) in &reads {
+                let result = match direction {
+                    postern_pg::Direction::Frontend => relay.handle_client_bytes(bytes),
+                    postern_pg::Direction::Backend => relay.handle_server_bytes(bytes),
+                };
+                assert_eq!(result, Ok(()), "{name}");
+                events.extend(std::iter::from_fn(|| relay.poll_event()).map(|e| e.to_string()));
+            }
+            runs.push(events);
+        }
+        // The capture's 20 transactions of 7 statements, one event each or more.
+        assert!(runs[0].len() >= 140, "{name}: {} events", runs[0].len());
+        assert!(
+            runs.iter().all(|run| *run == runs[0]),
+            "{name}: runs differ"
+        );
+    }
+}

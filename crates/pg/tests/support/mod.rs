@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use postern_pg::{
-    AuditEvent, BackendMessage, Direction, FrontendMessage, Limits, Relay, StartupRequest,
+    AuditEvent, BackendMessage, Direction, FrontendMessage, Limits, Relay, StartupRequest, frame,
 };
 
 /// Every capture `scripts/pg-capture all` records.
@@ -93,6 +93,90 @@ pub fn stream(chunks: &[Chunk], connection: u32, direction: Direction) -> Vec<u8
         .filter(|c| c.connection == connection && c.direction == direction)
         .flat_map(|c| c.bytes.iter().copied())
         .collect()
+}
+
+/// One connection's reads after start-up and authentication (the client's start-up
+/// packet; the server's messages through its first ReadyForQuery) and before its
+/// Terminate: the statements of a session, which a longer run of the same client
+/// repeats. Replayed again and again through one relay they measure a long session,
+/// which the agent's relay is (it starts after authentication too: `Relay::new`).
+pub fn session_reads(chunks: &[Chunk], connection: u32) -> Vec<(Direction, Vec<u8>)> {
+    let limits = Limits::default();
+    let client = stream(chunks, connection, Direction::Frontend);
+    let server = stream(chunks, connection, Direction::Backend);
+    let start_client = frame::split_startup_packet(&client, limits.startup_packet_size_max)
+        .ok()
+        .flatten()
+        .map_or(0, <[u8]>::len);
+    let mut start_server = 0;
+    let mut end_client = client.len();
+    let mut at = 0;
+    while let Ok(Some(message)) =
+        frame::split_message(Direction::Backend, &server[at..], limits.message_size_max)
+    {
+        at += message.wire_len();
+        if message.tag == b'Z' {
+            start_server = at;
+            break;
+        }
+    }
+    at = start_client;
+    while let Ok(Some(message)) =
+        frame::split_message(Direction::Frontend, &client[at..], limits.message_size_max)
+    {
+        if message.tag == b'X' {
+            end_client = at;
+            break;
+        }
+        at += message.wire_len();
+    }
+    // The capture's reads, each cut to the part inside its direction's window.
+    let mut offsets = [0usize; 2];
+    let mut reads = Vec::new();
+    for chunk in chunks.iter().filter(|c| c.connection == connection) {
+        let (side, window) = match chunk.direction {
+            Direction::Frontend => (0, start_client..end_client),
+            Direction::Backend => (1, start_server..server.len()),
+        };
+        let from = offsets[side];
+        offsets[side] += chunk.bytes.len();
+        let start = window.start.clamp(from, offsets[side]);
+        let end = window.end.clamp(from, offsets[side]);
+        if start < end {
+            reads.push((
+                chunk.direction,
+                chunk.bytes[start - from..end - from].to_vec(),
+            ));
+        }
+    }
+    reads
+}
+
+/// The connection with the most reads: in a pgbench capture, the benchmark's client
+/// (connection 0 is pgbench's own set-up queries).
+pub fn busiest_connection(chunks: &[Chunk]) -> u32 {
+    connections(chunks)
+        .into_iter()
+        .max_by_key(|&id| chunks.iter().filter(|c| c.connection == id).count())
+        .unwrap_or(0)
+}
+
+/// Replays `reads` (from [`session_reads`]) through `relay` once, draining and reading
+/// every event as `replay_counting` does; returns how many.
+pub fn replay_session(relay: &mut Relay, reads: &[(Direction, Vec<u8>)]) -> usize {
+    let mut events = 0;
+    for (direction, bytes) in reads {
+        let result = match direction {
+            Direction::Frontend => relay.handle_client_bytes(bytes),
+            Direction::Backend => relay.handle_server_bytes(bytes),
+        };
+        assert!(result.is_ok());
+        while let Some(event) = relay.poll_event_view() {
+            read_every_field(&event);
+            events += 1;
+        }
+    }
+    events
 }
 
 pub fn connections(chunks: &[Chunk]) -> Vec<u32> {
