@@ -84,8 +84,12 @@ const SPARE_BLOBS_MAX: usize = 8;
 const LOG_COMPACT_MIN: usize = 64 << 10;
 
 /// The most capacity the event log keeps once emptied: one large statement does not pin
-/// its memory for the rest of the session. (It starts empty: an idle session holds none.)
+/// its memory for the rest of the session.
 const LOG_RETAIN_MAX: usize = 4 << 10;
+
+/// The event log's first capacity: room for a few statements' SQL and command tags,
+/// where growing it from nothing took four reallocations in a pgbench session.
+const LOG_FIRST: usize = 256;
 
 /// The length word that starts an untagged start-up packet.
 const STARTUP_LENGTH_LEN: usize = 4;
@@ -765,7 +769,7 @@ impl Relay {
             lone: Entry::new(EventKind::Query, 0),
             lone_state: Lone::None,
             lone_allowed,
-            log: Vec::new(),
+            log: Vec::with_capacity(LOG_FIRST),
             compact_at: LOG_COMPACT_MIN,
             pending_bytes: 0,
             discarding_until_sync: false,
