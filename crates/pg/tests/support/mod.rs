@@ -161,22 +161,13 @@ pub fn busiest_connection(chunks: &[Chunk]) -> u32 {
         .unwrap_or(0)
 }
 
-/// Replays `reads` (from [`session_reads`]) through `relay` once, draining and reading
-/// every event as `replay_counting` does; returns how many.
+/// Replays `reads` (from [`session_reads`]) through `relay` once, as `replay_counting`
+/// does; returns how many events.
 pub fn replay_session(relay: &mut Relay, reads: &[(Direction, Vec<u8>)]) -> usize {
-    let mut events = 0;
-    for (direction, bytes) in reads {
-        let result = match direction {
-            Direction::Frontend => relay.handle_client_bytes(bytes),
-            Direction::Backend => relay.handle_server_bytes(bytes),
-        };
-        assert!(result.is_ok());
-        while let Some(event) = relay.poll_event_view() {
-            read_every_field(&event);
-            events += 1;
-        }
-    }
-    events
+    reads
+        .iter()
+        .map(|(direction, bytes)| feed(relay, *direction, bytes))
+        .sum()
 }
 
 pub fn connections(chunks: &[Chunk]) -> Vec<u32> {
@@ -365,17 +356,7 @@ pub fn replay_counting(chunks: &[Chunk]) -> usize {
         while relays.len() <= index {
             relays.push(Relay::from_startup(Limits::default()));
         }
-        let relay = &mut relays[index];
-        let result = match chunk.direction {
-            Direction::Frontend => relay.handle_client_bytes(&chunk.bytes),
-            Direction::Backend => relay.handle_server_bytes(&chunk.bytes),
-        };
-        assert!(result.is_ok());
-        // The agent's path: borrowed views, whose every field the consumer reads.
-        while let Some(event) = relay.poll_event_view() {
-            read_every_field(&event);
-            events += 1;
-        }
+        events += feed(&mut relays[index], chunk.direction, &chunk.bytes);
     }
     for relay in &mut relays {
         relay.handle_close();
@@ -383,6 +364,23 @@ pub fn replay_counting(chunks: &[Chunk]) -> usize {
             read_every_field(&event);
             events += 1;
         }
+    }
+    events
+}
+
+/// One read through `relay` as the agent does it: the bytes observed, then the events
+/// drained as borrowed views whose every field the consumer reads. Returns how many.
+#[inline(always)]
+fn feed(relay: &mut Relay, direction: Direction, bytes: &[u8]) -> usize {
+    let result = match direction {
+        Direction::Frontend => relay.handle_client_bytes(bytes),
+        Direction::Backend => relay.handle_server_bytes(bytes),
+    };
+    assert!(result.is_ok());
+    let mut events = 0;
+    while let Some(event) = relay.poll_event_view() {
+        read_every_field(&event);
+        events += 1;
     }
     events
 }
