@@ -437,6 +437,16 @@ async fn agent_service_end_to_end() {
         .expect_err("the role no longer matches");
     let db_error = refused.as_db_error().expect("an ErrorResponse");
     assert_eq!(db_error.code().code(), "28000");
+    // The agent counts a refusal once it has sent it, so the client can read the
+    // ErrorResponse before the counter moves (a CI run under load did).
+    wait_for(
+        async || {
+            registry_text(&registry)
+                .contains("postern_agent_handshake_failures_total{reason=\"access_denied\"} 1")
+        },
+        "the refusal's metric",
+    )
+    .await;
     let text = registry_text(&registry);
     assert!(text.contains("postern_agent_handshakes_total 2"), "{text}");
     assert!(
